@@ -1,0 +1,385 @@
+"""Reading NFNet weights safely, and mapping the three layouts onto this package's modules.
+
+Layouts:
+- ``deepmind``: DeepMind's released ``F*_haiku.npz`` files, which are dill pickles of
+  ``{'NFNet/~/stem_conv0': {'w': HWIO array, 'gain': ..., 'bias': ...}, ...}`` (2021: haiku
+  ``FlatMapping`` containers; newer: plain dicts and dill's array helper);
+- ``timm``: timm's ``dm_nfnet_*`` state dicts (the weights timm hosts on the Hub);
+- ``native``: this package's own state dict.
+
+Pickles are untrusted input. ``read_deepmind_pickle`` runs a restricted unpickler that resolves
+only the handful of globals those files use to rebuild mappings and numpy arrays; any other
+global (``os.system``, ``builtins.eval``, ...) stops the load with ``UnsafeCheckpointError``
+before anything is called. Neither dill nor haiku is needed.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'CheckpointError', 'UnsafeCheckpointError', 'read_deepmind_pickle', 'load_checkpoint_file',
+    'detect_layout', 'deepmind_to_native', 'timm_to_native', 'native_to_timm', 'checkpoint_filter_fn',
+    'check_state_dict',
+]
+
+PathLike = Union[str, os.PathLike]
+StateDict = Dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A pickle that asks for a global outside the allowed numpy/mapping reconstructors."""
+
+
+# --- the restricted unpickler -------------------------------------------------------------------
+_NP_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's own `_reconstruct`, whatever its module
+
+
+def _check_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype.hasobject or dtype.kind not in 'biufc':
+        raise UnsafeCheckpointError(f'refusing numpy dtype {dtype!r}: only numeric arrays are accepted')
+    return dtype
+
+
+def _safe_dtype(*args: Any) -> np.dtype:
+    return _check_dtype(np.dtype(*args))
+
+
+def _safe_reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if cls is not np.ndarray:
+        raise UnsafeCheckpointError(f'refusing to rebuild {cls!r}: only numpy.ndarray is accepted')
+    return _NP_RECONSTRUCT(np.ndarray, shape, dtype)
+
+
+def _safe_create_array(f: Any, args: Tuple, state: Any, npdict: Any = None) -> np.ndarray:
+    """dill's ``_create_array``: ``f(*args)`` then ``__setstate__(state)``, for plain arrays only."""
+    if f is not _safe_reconstruct or npdict:
+        raise UnsafeCheckpointError('refusing a dill array built by anything but numpy _reconstruct')
+    array = f(*args)
+    array.__setstate__(state)
+    _check_dtype(array.dtype)
+    return array
+
+
+def _safe_frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    """numpy's pickle-protocol-5 array rebuild."""
+    return np.frombuffer(buf, _check_dtype(np.dtype(dtype))).reshape(shape, order=order).copy()
+
+
+def _safe_scalar(dtype: Any, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, _check_dtype(np.dtype(dtype)), count=1).reshape(()).copy()
+
+
+def _flat_mapping(*args: Any) -> Dict[str, Any]:
+    """Stand-in for haiku's ``FlatMapping``: pickled as ``FlatMapping(dict)``; rebuilt as a dict."""
+    if len(args) != 1 or not isinstance(args[0], Mapping):
+        raise UnsafeCheckpointError('haiku FlatMapping pickled with unexpected arguments')
+    return dict(args[0])
+
+
+_ALLOWED_GLOBALS: Dict[Tuple[str, str], Callable[..., Any]] = {
+    ('collections', 'OrderedDict'): OrderedDict,
+    ('haiku._src.data_structures', 'FlatMapping'): _flat_mapping,
+    ('haiku._src.data_structures', 'FlatMap'): _flat_mapping,
+    ('numpy', 'ndarray'): np.ndarray,  # only ever an argument of _reconstruct
+    ('numpy', 'dtype'): _safe_dtype,
+    ('numpy.core.multiarray', '_reconstruct'): _safe_reconstruct,
+    ('numpy._core.multiarray', '_reconstruct'): _safe_reconstruct,
+    ('numpy.core.multiarray', 'scalar'): _safe_scalar,
+    ('numpy._core.multiarray', 'scalar'): _safe_scalar,
+    ('numpy.core.numeric', '_frombuffer'): _safe_frombuffer,
+    ('numpy._core.numeric', '_frombuffer'): _safe_frombuffer,
+    ('dill._dill', '_create_array'): _safe_create_array,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f'refusing unsafe pickle global {module}.{name}: NFNet checkpoints may only hold '
+                'mappings and numpy arrays') from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError(f'refusing pickle persistent id {pid!r}')
+
+
+def _flatten_tree(tree: Any, source: str) -> Dict[str, np.ndarray]:
+    """``{module: {param: array}}`` (or already flat ``{'module/param': array}``) -> flat dict."""
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f'{source}: expected a mapping of module names, got {type(tree).__name__}')
+    flat: Dict[str, np.ndarray] = {}
+    for module, params in tree.items():
+        if isinstance(params, np.ndarray):
+            flat[str(module)] = params
+            continue
+        if not isinstance(params, Mapping):
+            raise CheckpointError(f'{source}: entry {module!r} is a {type(params).__name__}, not a mapping or array')
+        for name, value in params.items():
+            if not isinstance(value, np.ndarray):
+                raise CheckpointError(f'{source}: {module}/{name} is a {type(value).__name__}, not a numpy array')
+            flat[f'{module}/{name}'] = value
+    return flat
+
+
+def read_deepmind_pickle(data: Union[bytes, PathLike], source: str = '') -> Dict[str, np.ndarray]:
+    """Read a DeepMind NFNet checkpoint (a dill pickle) without executing anything.
+
+    Returns a flat ``{'NFNet/~/stem_conv0/w': array, ...}`` dict. Raises
+    ``UnsafeCheckpointError`` on any global other than numpy array / mapping reconstructors and
+    ``CheckpointError`` on a truncated or corrupt file.
+    """
+    if not isinstance(data, (bytes, bytearray)):
+        source = source or str(data)
+        with open(data, 'rb') as f:
+            data = f.read()
+    source = source or '<bytes>'
+    try:
+        tree = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy on short buffers ...
+        raise CheckpointError(f'{source}: truncated or corrupt checkpoint ({type(e).__name__}: {e})') from None
+    return _flatten_tree(tree, source)
+
+
+def load_checkpoint_file(path: PathLike) -> Dict[str, Union[np.ndarray, torch.Tensor]]:
+    """Load weights from a file of any supported kind, judged by its content, never by ``pickle``.
+
+    - safetensors (any layout);
+    - DeepMind's dill pickles (``F0_haiku.npz`` and friends) through the restricted unpickler;
+    - real ``.npz`` archives (``allow_pickle=False``);
+    - PyTorch ``.pth``/``.bin`` files with ``torch.load(weights_only=True)``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    if len(head) < 2:
+        raise CheckpointError(f'{path}: empty or truncated checkpoint')
+    if head[:1] == b'\x80':  # pickle protocol >= 2
+        return read_deepmind_pickle(path)
+    if head[:2] == b'PK':
+        if path.endswith(('.pth', '.pt', '.bin', '.ckpt')):
+            try:
+                return _unwrap_torch(torch.load(path, map_location='cpu', weights_only=True), path)
+            except Exception as e:
+                raise CheckpointError(f'{path}: not a loadable weights-only PyTorch file ({e})') from None
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise CheckpointError(f'{path}: truncated or corrupt npz archive ({e})') from None
+    try:
+        from safetensors.torch import load_file
+        return load_file(path)
+    except Exception as e:
+        raise CheckpointError(f'{path}: not a readable safetensors/pickle/npz checkpoint ({e})') from None
+
+
+def _unwrap_torch(obj: Any, path: str) -> Dict[str, torch.Tensor]:
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f'{path}: expected a state dict of tensors')
+    return {k[7:] if k.startswith('module.') else k: v for k, v in obj.items()}
+
+
+# --- layouts -------------------------------------------------------------------------------------
+def detect_layout(state_dict: Mapping[str, Any]) -> str:
+    """'deepmind', 'timm' (timm's ``dm_nfnet_*``) or 'native'."""
+    keys = list(state_dict)
+    if any('/~/' in k for k in keys):
+        return 'deepmind'
+    if any(k.startswith('stem.conv4.') or k.endswith('skipinit_gain') for k in keys):
+        return 'timm'
+    return 'native'
+
+
+def _block_index(model: nn.Module) -> Dict[Tuple[int, int], int]:
+    """(stage, block) -> the flat block number DeepMind's module names use."""
+    index, flat = {}, 0
+    for s, stage in enumerate(model.stages):
+        for b in range(len(stage)):
+            index[(s, b)] = flat
+            flat += 1
+    return index
+
+
+def _native_to_deepmind_name(name: str, blocks: Dict[Tuple[int, int], int], root: str) -> Tuple[str, str]:
+    """Native parameter name -> (DeepMind 'module/param' name, kind), kind in conv/linear/plain."""
+    module, param = name.rsplit('.', 1)
+    m = re.fullmatch(r'stages\.(\d+)\.(\d+)(?:\.(.+))?', module)
+    if m and param == 'skip_gain':
+        k = blocks[(int(m[1]), int(m[2]))]
+        return f'{root}/~/nf_block{"_" + str(k) if k else ""}/skip_gain', 'plain'
+    if module.startswith('stem.conv'):
+        dm_module = f'{root}/~/stem_conv{module[len("stem.conv"):]}'
+    elif module == 'final_conv':
+        dm_module = f'{root}/~/final_conv'
+    elif module == 'head.fc':
+        return f'{root}/~/linear/{"w" if param == "weight" else "b"}', 'linear' if param == 'weight' else 'plain'
+    elif m:
+        k = blocks[(int(m[1]), int(m[2]))]
+        block = f'{root}/~/nf_block{"_" + str(k) if k else ""}'
+        sub = m[3]
+        if sub.startswith('se.fc'):
+            linear = 'linear' if sub == 'se.fc1' else 'linear_1'
+            dm_param = 'w' if param == 'weight' else 'b'
+            return f'{block}/~/squeeze_excite/~/{linear}/{dm_param}', 'linear' if param == 'weight' else 'plain'
+        dm_module = f'{block}/~/{sub}'
+    else:
+        raise CheckpointError(f'no DeepMind counterpart for parameter {name}')
+    dm_param = {'weight': 'w'}.get(param, param)
+    return f'{dm_module}/{dm_param}', 'conv' if param == 'weight' else 'plain'
+
+
+def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module) -> StateDict:
+    """Map a flat DeepMind param dict onto ``model``'s parameter names (HWIO -> OIHW, (in,out) -> (out,in))."""
+    flat = _flatten_tree(flat, 'DeepMind checkpoint') if any(isinstance(v, Mapping) for v in flat.values()) else flat
+    roots = {k.split('/~/', 1)[0] for k in flat}
+    if len(roots) != 1:
+        raise CheckpointError(f'expected one root module in the DeepMind checkpoint, found {sorted(roots)}')
+    root = roots.pop()
+    blocks = _block_index(model)
+    out: StateDict = {}
+    used = set()
+    missing = []
+    for name in model.state_dict():
+        dm_name, kind = _native_to_deepmind_name(name, blocks, root)
+        if dm_name not in flat:
+            missing.append(f'{name} (DeepMind {dm_name})')
+            continue
+        value = np.asarray(flat[dm_name])
+        if kind == 'conv':
+            if value.ndim != 4:
+                raise CheckpointError(f'{dm_name}: expected a 4-d HWIO kernel, got shape {value.shape}')
+            value = value.transpose(3, 2, 0, 1)
+        elif kind == 'linear':
+            if value.ndim != 2:
+                raise CheckpointError(f'{dm_name}: expected a 2-d (in, out) matrix, got shape {value.shape}')
+            value = value.T
+        out[name] = torch.from_numpy(np.array(value, dtype=np.float32, order="C"))
+        used.add(dm_name)
+    unexpected = sorted(set(flat) - used)
+    if missing or unexpected:
+        raise CheckpointError(_mismatch_message(missing, unexpected, []))
+    return out
+
+
+# timm's dm_nfnet names -> ours (applied in order, on the name only).
+_TIMM_RENAMES = [
+    (r'^stem\.conv(\d)\.', lambda m: f'stem.conv{int(m[1]) - 1}.'),
+    (r'\.skipinit_gain$', lambda m: '.skip_gain'),
+    (r'\.downsample\.conv\.', lambda m: '.conv_shortcut.'),
+    (r'\.conv1\.', lambda m: '.conv0.'),
+    (r'\.conv2\.', lambda m: '.conv1.'),
+    (r'\.conv2b\.', lambda m: '.conv1b.'),
+    (r'\.conv3\.', lambda m: '.conv2.'),
+    (r'\.attn_last\.', lambda m: '.se.'),
+]
+
+
+def timm_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """timm ``dm_nfnet_*`` state dict -> this package's names (gains (O,1,1,1) -> (O,), SE 1x1 convs -> linears)."""
+    out: StateDict = {}
+    for name, value in state_dict.items():
+        new = name
+        if name.startswith('stages.'):
+            for pattern, repl in _TIMM_RENAMES[1:]:
+                new = re.sub(pattern, repl, new)
+        else:
+            new = re.sub(_TIMM_RENAMES[0][0], _TIMM_RENAMES[0][1], new)
+        value = torch.as_tensor(value)
+        if new.endswith('.gain'):
+            value = value.reshape(-1)
+        elif '.se.fc' in new and new.endswith('.weight'):
+            value = value.reshape(value.shape[0], value.shape[1])
+        out[new] = value
+    return out
+
+
+def native_to_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """This package's state dict -> timm ``dm_nfnet_*`` names and shapes (for side-by-side checks)."""
+    back = [('.conv_shortcut.', '.downsample.conv.'), ('.conv2.', '.conv3.'), ('.conv1b.', '.conv2b.'),
+            ('.conv1.', '.conv2.'), ('.conv0.', '.conv1.'), ('.se.', '.attn_last.')]
+    out: StateDict = {}
+    for name, value in state_dict.items():
+        new = name
+        if name.startswith('stem.conv'):
+            new = f'stem.conv{int(name[9]) + 1}{name[10:]}'
+        elif name.startswith('stages.'):
+            for ours, theirs in back:
+                new = new.replace(ours, theirs)
+            new = re.sub(r'\.skip_gain$', '.skipinit_gain', new)
+        if new.endswith('.gain'):
+            value = value.reshape(-1, 1, 1, 1)
+        elif '.attn_last.fc' in new and new.endswith('.weight'):
+            value = value.reshape(*value.shape, 1, 1)
+        out[new] = value
+    return out
+
+
+def _mismatch_message(missing: Iterable[str], unexpected: Iterable[str], misshaped: Iterable[str]) -> str:
+    parts = []
+    for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)):
+        items = list(items)
+        if items:
+            shown = ', '.join(items[:20]) + (f', ... ({len(items)} in all)' if len(items) > 20 else '')
+            parts.append(f'{title} keys: {shown}')
+    return 'checkpoint does not fit the model: ' + '; '.join(parts)
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, skip_shape: Iterable[str] = ()) -> None:
+    """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    skip_shape = set(skip_shape)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = [
+        f'{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
+        for k in sorted(set(expected) & set(state_dict))
+        if k not in skip_shape and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_mismatch_message(missing, unexpected, misshaped))
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> StateDict:
+    """timm ``pretrained_filter_fn``: any of the three layouts in, the model's state dict out.
+
+    The first conv and the classifier may differ in shape (timm adapts ``in_chans`` and drops a
+    classifier of another ``num_classes`` after this filter); everything else must match.
+    """
+    layout = detect_layout(state_dict)
+    if layout == 'deepmind':
+        out = deepmind_to_native(state_dict, model)
+    elif layout == 'timm':
+        out = timm_to_native(state_dict)
+    else:
+        out = {k: torch.as_tensor(v) for k, v in state_dict.items()}
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    first_conv, classifier = cfg.get('first_conv', 'stem.conv0'), cfg.get('classifier', 'head.fc')
+    skip = {f'{first_conv}.weight', f'{classifier}.weight', f'{classifier}.bias'}
+    if getattr(model, 'num_classes', 1) == 0:
+        out = {k: v for k, v in out.items() if not k.startswith(classifier + '.')}
+    check_state_dict(out, model, skip_shape=skip)
+    return out

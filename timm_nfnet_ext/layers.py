@@ -1,0 +1,237 @@
+"""Building blocks of DeepMind's NFNets, written for exact parity with the JAX reference.
+
+Why not timm's own layers: timm's ``ScaledStdConv2dSame`` standardises with ``var + eps``
+(DeepMind: ``max(var * fan_in, 1e-4)``), timm's GELU is the exact-erf form (DeepMind: the tanh
+approximation) and its drop-path rescales by ``1/keep`` (DeepMind: no rescale). Each of these
+moves the logits of the released weights, so the few layers below are written by hand.
+
+Speed choices (each keeps the reference's numbers):
+- the constant that multiplies a conv's input (the activation's gamma, the block's beta) is
+  folded into the conv's standardised weight (``input_scale``), so activations are plain
+  ``gelu`` and no elementwise multiply over a feature map is spent on constants;
+- XLA 'SAME' padding is given to the conv itself whenever it is symmetric (all stride-1 convs,
+  stride-2 convs on odd sizes); only the asymmetric stride-2 case pads explicitly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'GAMMAS', 'get_act_fn', 'same_pads', 'SameConv2d', 'WSConv2d', 'SqueezeExcite',
+    'StochasticDepthMask',
+]
+
+# Gamma of each activation in DeepMind's table: 1 / std(act(z)) for z ~ N(0, 1), so that a
+# gamma-scaled activation keeps unit variance. Numbers from the reference `nfnets/base.py`.
+GAMMAS: Dict[str, float] = {
+    'identity': 1.0,
+    'celu': 1.270926833152771,
+    'elu': 1.2716004848480225,
+    'gelu': 1.7015043497085571,
+    'leaky_relu': 1.70590341091156,
+    'log_sigmoid': 1.9193484783172607,
+    'log_softmax': 1.0002083778381348,
+    'relu': 1.7139588594436646,
+    'relu6': 1.7131484746932983,
+    'selu': 1.0008515119552612,
+    'sigmoid': 4.803835391998291,
+    'silu': 1.7881293296813965,
+    'soft_sign': 2.338853120803833,
+    'softplus': 1.9203323125839233,
+    'tanh': 1.5939117670059204,
+}
+
+# The same functions as JAX's defaults. JAX's `gelu` is the tanh approximation; its
+# log_softmax normalises over the channel axis (last in NHWC, dim 1 here).
+_ACT_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'identity': lambda x: x,
+    'celu': F.celu,
+    'elu': F.elu,
+    'gelu': lambda x: F.gelu(x, approximate='tanh'),
+    'leaky_relu': F.leaky_relu,
+    'log_sigmoid': F.logsigmoid,
+    'log_softmax': lambda x: F.log_softmax(x, dim=1),
+    'relu': F.relu,
+    'relu6': F.relu6,
+    'selu': F.selu,
+    'sigmoid': torch.sigmoid,
+    'silu': F.silu,
+    'soft_sign': F.softsign,
+    'softplus': F.softplus,
+    'tanh': torch.tanh,
+}
+
+
+def get_act_fn(name: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """Return ``(fn, gamma)`` for an activation of DeepMind's table (without gamma applied)."""
+    if name not in _ACT_FNS:
+        raise ValueError(f'unknown activation {name!r}; choose one of {sorted(_ACT_FNS)}')
+    return _ACT_FNS[name], GAMMAS[name]
+
+
+class Activation(nn.Module):
+    """An activation of the gamma table; ``scale`` multiplies the output (1.0 when folded away)."""
+
+    def __init__(self, name: str, scale: float = 1.0):
+        super().__init__()
+        self.name = name
+        self.fn, _ = get_act_fn(name)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fn(x)
+        return x * self.scale if self.scale != 1.0 else x
+
+    def extra_repr(self) -> str:
+        return f'{self.name}, scale={self.scale}' if self.scale != 1.0 else self.name
+
+
+def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+    """XLA 'SAME' padding of one spatial dim: ``(low, high)``, the odd pixel going high."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv2d_same(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
+) -> torch.Tensor:
+    """``F.conv2d`` with XLA 'SAME' padding.
+
+    Symmetric padding goes to the conv (no copy); only the asymmetric case (a stride-2 conv on
+    an even size pads 0 low, 1 high) materialises a padded input.
+    """
+    kh, kw = weight.shape[-2:]
+    ph = same_pads(x.shape[-2], kh, stride)
+    pw = same_pads(x.shape[-1], kw, stride)
+    if ph[0] == ph[1] and pw[0] == pw[1]:
+        return F.conv2d(x, weight, bias, stride, (ph[0], pw[0]), 1, groups)
+    x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
+    return F.conv2d(x, weight, bias, stride, 0, 1, groups)
+
+
+class SameConv2d(nn.Conv2d):
+    """A plain ``nn.Conv2d`` with XLA 'SAME' padding decided from the input size.
+
+    What ``WSConv2d.fuse()`` returns for strided convs, whose padding depends on the parity of
+    the input; stride-1 convs fuse to an ordinary ``nn.Conv2d`` with static padding.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups)
+
+
+class WSConv2d(nn.Conv2d):
+    """DeepMind's scaled weight-standardised conv (``WSConv2D``) with 'SAME' padding.
+
+    ``w_hat = (w - mean) * rsqrt(max(var * fan_in, eps)) * gain``, mean and (population)
+    variance over each output channel's fan-in; bias always present. ``input_scale`` is a
+    constant multiplying the conv's input (an activation's gamma, a block's beta), folded into
+    ``w_hat`` instead of spent as an elementwise op on the feature map.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int,
+            stride: int = 1,
+            groups: int = 1,
+            input_scale: float = 1.0,
+            eps: float = 1e-4,
+    ):
+        super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=0, groups=groups, bias=True)
+        self.gain = nn.Parameter(torch.ones(out_chs))
+        self.input_scale = float(input_scale)
+        self.eps = eps
+        self.fan_in = (in_chs // groups) * kernel_size * kernel_size
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference init: ``w ~ N(0, 1/fan_in)``, gain 1, bias 0."""
+        if not hasattr(self, 'gain'):
+            return  # nn.Conv2d.__init__ calls this before gain exists
+        nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(self.fan_in))
+        nn.init.ones_(self.gain)
+        nn.init.zeros_(self.bias)
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The weight the conv applies: standardised, times gain and ``input_scale``."""
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
+        scale = torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps))
+        scale = scale * (self.gain * self.input_scale).view(-1, 1, 1, 1)
+        return self.weight * scale - mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_same(x, self.standardized_weight(), self.bias, self.stride[0], self.groups)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        """A plain conv with the standardised weight baked in, for inference.
+
+        Stride-1 convs get static symmetric padding (exactly XLA 'SAME' for odd kernels);
+        strided convs keep size-dependent 'SAME' padding (``SameConv2d``).
+        """
+        k = self.kernel_size[0]
+        if self.stride[0] == 1 and k % 2 == 1:
+            conv = nn.Conv2d(self.in_channels, self.out_channels, k, padding=k // 2, groups=self.groups)
+        else:
+            conv = SameConv2d(self.in_channels, self.out_channels, k, stride=self.stride, groups=self.groups)
+        conv = conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight.copy_(self.standardized_weight())
+        conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr().replace(', padding=(0, 0)', ", padding='SAME'")
+        return s + (f', input_scale={self.input_scale:.6g}' if self.input_scale != 1.0 else '')
+
+
+class SqueezeExcite(nn.Module):
+    """The reference SE: mean over H,W -> Linear -> ReLU (no gamma) -> Linear -> sigmoid.
+
+    Returns the (N, C) gate; the block applies it (times 2) to the feature map.
+    """
+
+    def __init__(self, chs: int, se_ratio: float = 0.5):
+        super().__init__()
+        hidden = max(1, int(chs * se_ratio))
+        self.fc1 = nn.Linear(chs, hidden)
+        self.fc2 = nn.Linear(hidden, chs)
+        for fc in (self.fc1, self.fc2):
+            # Haiku's Linear default: truncated normal, std 1/sqrt(fan_in), cut at 2 std.
+            std = 1.0 / math.sqrt(fc.in_features)
+            nn.init.trunc_normal_(fc.weight, 0.0, std, -2 * std, 2 * std)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+
+
+class StochasticDepthMask(nn.Module):
+    """Per-sample keep mask of DeepMind's ``StochDepth``: ``floor(keep + U[0,1))``, NO rescale.
+
+    Returns an (N, 1) mask in training, ``None`` at eval or rate 0, so the block folds it into
+    its per-channel output scale instead of spending a pass over the feature map.
+    """
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f'stochastic depth rate must be in [0, 1), got {rate}')
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.training or self.rate == 0.0:
+            return None
+        keep = 1.0 - self.rate
+        return torch.floor(keep + torch.rand(x.shape[0], 1, dtype=x.dtype, device=x.device))
+
+    def extra_repr(self) -> str:
+        return f'rate={self.rate:.4g}'

@@ -1,0 +1,560 @@
+"""DeepMind's NFNets (Brock et al. 2021, arXiv:2102.06171) for timm, exact to the JAX reference.
+
+One config dataclass (``NfNetCfg``), one block (``NFBlock``), one model (``NFNet``); then the
+pretrained configs and the ``@register_model`` entry points:
+
+- ``nfnet_f0`` ... ``nfnet_f7``: NFNet-F0..F7 (they replace timm's weightless entries of the
+  same names; timm's ``dm_nfnet_*`` stay as they are);
+- ``nfnet_f0_plus`` ... ``nfnet_f7_plus``: the wide "F+" variants;
+- ``nf_seresnextd_f0`` ... ``_f3``, ``nf_seresnext50d``, ``nf_seresnext101d``: the paper's
+  NF-SE-ResNeXt-D baseline (one grouped 3x3 conv per block, widths 256/512/1024/2048).
+
+Symbols follow the paper: ``alpha`` (residual scale), ``beta = 1/expected_std`` (block input
+scale), ``gamma`` (activation gain, folded into the next conv, see ``layers.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq
+
+from .checkpoint import checkpoint_filter_fn
+from .layers import Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, get_act_fn
+
+__all__ = ['NfNetCfg', 'NFBlock', 'NFNet', 'MODEL_CFGS']
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class NfNetCfg:
+    """Architecture of an NFNet; every field is also a ``timm.create_model`` keyword."""
+    depths: Tuple[int, ...] = (1, 2, 6, 3)
+    widths: Tuple[int, ...] = (256, 512, 1536, 1536)
+    strides: Tuple[int, ...] = (1, 2, 2, 2)
+    group_width: IntOrSeq = 128          # channels per group of the 3x3 convs (per stage if a sequence)
+    expansion: IntOrSeq = 0.5            # bottleneck width = int(expansion * width)
+    big_width: bool = True               # bottleneck from the block's output width (else its input)
+    use_two_convs: bool = True           # NFNet: two grouped 3x3 convs; NF-SE-ResNeXt-D: one
+    stem_widths: Tuple[int, ...] = (16, 32, 64)  # the 4th stem conv has widths[0] // 2
+    alpha: float = 0.2                   # residual branch scale
+    se_ratio: float = 0.5
+    activation: str = 'gelu'             # any of layers.GAMMAS; gelu is JAX's tanh form
+    final_conv_mult: float = 2.0
+    drop_rate: float = 0.2               # dropout before the classifier (train only)
+    drop_path_rate: float = 0.0          # stochastic depth; the paper trained with 0.25
+
+    def __post_init__(self):
+        n = len(self.depths)
+        for name in ('widths', 'strides'):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f'{name} has {len(getattr(self, name))} entries, depths has {n}')
+        for name in ('group_width', 'expansion'):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) and len(v) != n:
+                raise ValueError(f'{name} has {len(v)} entries, depths has {n}')
+        get_act_fn(self.activation)  # validates the name
+        if not 0.0 <= self.drop_rate < 1.0 or not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError('drop_rate and drop_path_rate must be in [0, 1)')
+
+    def per_stage(self, name: str) -> List[Any]:
+        v = getattr(self, name)
+        return [v] * len(self.depths) if isinstance(v, (int, float)) else list(v)
+
+
+CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(NfNetCfg))
+
+
+class NFBlock(nn.Module):
+    """NFNet block: ``alpha * skip_gain * 2 * SE(f(act(x) * beta)) + shortcut``.
+
+    The residual branch is conv0 1x1 -> conv1 3x3 grouped (strided) -> [conv1b 3x3 grouped]
+    -> conv2 1x1, each conv fed by the activation of the previous output. The shortcut is ``x``,
+    or a 1x1 conv of ``act(x) * beta`` (after a 2x2 'SAME' average pool when strided).
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            *,
+            stride: int,
+            beta: float,
+            alpha: float,
+            group_width: int,
+            expansion: float,
+            big_width: bool,
+            use_two_convs: bool,
+            se_ratio: float,
+            activation: str,
+            drop_path_rate: float,
+    ):
+        super().__init__()
+        _, gamma = get_act_fn(activation)
+        width = int((out_chs if big_width else in_chs) * expansion)
+        groups = width // group_width
+        if groups < 1:
+            raise ValueError(f'bottleneck width {width} is narrower than group_width {group_width}')
+        width = group_width * groups
+        self.beta, self.alpha = beta, alpha
+        self.act = Activation(activation)
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
+        # 'SAME' 2x2/2 avg pool == ceil_mode pooling that divides by the valid count.
+        self.conv_shortcut = None
+        if stride > 1 or in_chs != out_chs:
+            self.conv_shortcut = WSConv2d(in_chs, out_chs, 1, input_scale=gamma * beta)
+        self.conv0 = WSConv2d(in_chs, width, 1, input_scale=gamma * beta)
+        self.conv1 = WSConv2d(width, width, 3, stride=stride, groups=groups, input_scale=gamma)
+        self.conv1b = WSConv2d(width, width, 3, groups=groups, input_scale=gamma) if use_two_convs else None
+        self.conv2 = WSConv2d(width, out_chs, 1, input_scale=gamma)
+        self.se = SqueezeExcite(out_chs, se_ratio)
+        self.drop_path = StochasticDepthMask(drop_path_rate)
+        self.skip_gain = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(x)  # gamma * beta live in conv0 / conv_shortcut
+        if self.conv_shortcut is None:
+            shortcut = x
+        elif self.pool is not None:
+            shortcut = self.conv_shortcut(self.pool(out))
+        else:
+            shortcut = self.conv_shortcut(out)
+        out = self.conv0(out)
+        out = self.conv1(self.act(out))
+        if self.conv1b is not None:
+            out = self.conv1b(self.act(out))
+        out = self.conv2(self.act(out))
+        # 2 * SE gate, stochastic depth mask, skip gain and alpha are all per-(sample, channel):
+        # multiply them first, then touch the feature map once (out * scale + shortcut).
+        scale = self.se(out) * (self.skip_gain * (2.0 * self.alpha))
+        mask = self.drop_path(out)
+        if mask is not None:
+            scale = scale * mask
+        return torch.addcmul(shortcut, out, scale[:, :, None, None])
+
+
+class NFNet(nn.Module):
+    """Normalizer-Free Network (DeepMind's ``NFNet``) with timm's model interface.
+
+    Args:
+        cfg: the architecture; defaults to NFNet-F0's.
+        num_classes: classifier outputs (0 for none).
+        in_chans: input channels.
+        global_pool: timm pooling type of the head ('avg' is the reference).
+        **overrides: any ``NfNetCfg`` field (widths, depths, group_width, use_two_convs,
+            activation, alpha, se_ratio, drop_rate, drop_path_rate, ...).
+    """
+    min_input_size = 32  # the network's total stride: below it the deepest stages see only padding
+
+    def __init__(
+            self,
+            cfg: Optional[NfNetCfg] = None,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            **overrides: Any,
+    ):
+        super().__init__()
+        unknown = sorted(set(overrides) - CFG_FIELDS)
+        if unknown:
+            raise TypeError(
+                f'unknown NFNet argument(s) {unknown}; architecture keywords are {sorted(CFG_FIELDS)}, '
+                'plus num_classes, in_chans, global_pool')
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        cfg = dataclasses.replace(cfg or NfNetCfg(), **overrides)
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = cfg.drop_rate
+        self.grad_checkpointing = False
+        _, gamma = get_act_fn(cfg.activation)
+
+        s0, s1, s2 = cfg.stem_widths
+        stem_out = cfg.widths[0] // 2
+        self.stem = nn.Sequential(OrderedDict([
+            ('conv0', WSConv2d(in_chans, s0, 3, stride=2)),
+            ('act0', Activation(cfg.activation)),
+            ('conv1', WSConv2d(s0, s1, 3, input_scale=gamma)),
+            ('act1', Activation(cfg.activation)),
+            ('conv2', WSConv2d(s1, s2, 3, input_scale=gamma)),
+            ('act2', Activation(cfg.activation)),
+            ('conv3', WSConv2d(s2, stem_out, 3, stride=2, input_scale=gamma)),
+        ]))
+        self.feature_info = [dict(num_chs=s2, reduction=2, module='stem.conv2')]
+
+        num_blocks, index, expected_std = sum(cfg.depths), 0, 1.0
+        in_chs, reduction, stages = stem_out, 4, []
+        stage_args = zip(cfg.depths, cfg.widths, cfg.strides, cfg.per_stage('group_width'), cfg.per_stage('expansion'))
+        for stage_idx, (depth, width, stride, group_width, expansion) in enumerate(stage_args):
+            blocks = []
+            for block_idx in range(depth):
+                blocks.append(NFBlock(
+                    in_chs, width,
+                    stride=stride if block_idx == 0 else 1,
+                    beta=1.0 / expected_std,
+                    alpha=cfg.alpha,
+                    group_width=group_width,
+                    expansion=expansion,
+                    big_width=cfg.big_width,
+                    use_two_convs=cfg.use_two_convs,
+                    se_ratio=cfg.se_ratio,
+                    activation=cfg.activation,
+                    drop_path_rate=cfg.drop_path_rate * index / num_blocks,
+                ))
+                in_chs, index = width, index + 1
+                if block_idx == 0:
+                    expected_std = 1.0  # a stage's first block resets the variance (projection shortcut)
+                expected_std = (expected_std ** 2 + cfg.alpha ** 2) ** 0.5
+            reduction *= stride
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f'stages.{stage_idx}'))
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.head_hidden_size = int(cfg.final_conv_mult * in_chs)
+        self.final_conv = WSConv2d(in_chs, self.num_features, 1)
+        self.final_act = Activation(cfg.activation, scale=gamma)
+        self.feature_info[-1] = dict(num_chs=self.num_features, reduction=reduction, module='final_conv')
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=cfg.drop_rate)
+        self._init_classifier()
+
+    def _init_classifier(self) -> None:
+        fc = self.head.fc
+        if isinstance(fc, nn.Linear):  # the reference's N(0, 0.01), zero bias
+            nn.init.normal_(fc.weight, 0.0, 0.01)
+            nn.init.zeros_(fc.bias)
+
+    # --- timm model contract -------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=[(r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)', None), (r'^final_conv', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Gains, biases and skip gains: the reference decays only conv, SE and classifier weights."""
+        return {n for n, _ in self.named_parameters() if n.endswith(('.gain', '.bias', 'skip_gain'))}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+        self._init_classifier()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming what is wrong with an input batch."""
+        if x.ndim != 4:
+            raise ValueError(f'expected an NCHW batch (4 dims), got shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f'input {x.shape[-2]}x{x.shape[-1]} is too small: NFNets need at least '
+                f'{self.min_input_size}x{self.min_input_size} (total stride 32)')
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features at each stride: index 0 is the stem at stride 2 (stem.conv2, before its
+        activation), 1..4 the stage outputs; the last is taken after final_conv (before its
+        activation), as in timm's NFNets."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
+        self.check_input(x)
+        num_stages = len(self.stages)
+        take_indices, max_index = feature_take_indices(num_stages + 1, indices)
+        intermediates = []
+        for name, module in self.stem.named_children():
+            x = module(x)
+            if name == 'conv2' and 0 in take_indices:
+                intermediates.append(x)
+        stages = self.stages if not stop_early else self.stages[:max_index]
+        for idx, stage in enumerate(stages, start=1):
+            x = checkpoint(stage, x) if self.grad_checkpointing and self.training else stage(x)
+            if idx == num_stages:
+                x = self.final_conv(x)
+            if idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == num_stages:
+            x = self.final_act(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        if prune_end:
+            self.final_conv = nn.Identity()
+            self.final_act = nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if max_index == 0:
+            self.stem = self.stem[:5]  # up to stem.conv2, the stride-2 tap
+        self.stages = self.stages[:max_index]
+        if prune_head or prune_end:
+            self.head.reset(0, '')
+            self.num_classes = 0
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, stages, final conv and its (gamma-scaled) activation: the map before pooling."""
+        self.check_input(x)
+        x = self.stem(x)
+        if self.grad_checkpointing and self.training:
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.final_act(self.final_conv(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --- architectures ---------------------------------------------------------------------------
+_F_DEPTHS = {i: (i + 1, 2 * (i + 1), 6 * (i + 1), 3 * (i + 1)) for i in range(8)}
+_F_DROP = (0.2, 0.3, 0.4, 0.4, 0.5, 0.5, 0.5, 0.5)
+# (train px, test px) of each F variant, from the reference's `nfnet_params`.
+F_RESOLUTIONS = {0: (192, 256), 1: (224, 320), 2: (256, 352), 3: (320, 416),
+                 4: (384, 512), 5: (416, 544), 6: (448, 576), 7: (480, 608)}
+_RESNEXT_WIDTHS = (256, 512, 1024, 2048)
+
+MODEL_CFGS: Dict[str, NfNetCfg] = {}
+for _i in range(8):
+    MODEL_CFGS[f'nfnet_f{_i}'] = NfNetCfg(depths=_F_DEPTHS[_i], drop_rate=_F_DROP[_i])
+    MODEL_CFGS[f'nfnet_f{_i}_plus'] = NfNetCfg(
+        depths=_F_DEPTHS[_i], widths=(384, 768, 2048, 2048), drop_rate=_F_DROP[_i])
+for _i in range(4):
+    MODEL_CFGS[f'nf_seresnextd_f{_i}'] = NfNetCfg(
+        depths=_F_DEPTHS[_i], widths=_RESNEXT_WIDTHS, use_two_convs=False, drop_rate=_F_DROP[_i])
+MODEL_CFGS['nf_seresnext50d'] = NfNetCfg(depths=(3, 4, 6, 3), widths=_RESNEXT_WIDTHS, use_two_convs=False)
+MODEL_CFGS['nf_seresnext101d'] = NfNetCfg(depths=(3, 4, 23, 3), widths=_RESNEXT_WIDTHS, use_two_convs=False)
+
+
+def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
+    return build_model_with_cfg(
+        NFNet,
+        variant,
+        pretrained,
+        model_cfg=MODEL_CFGS[variant],
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True),
+        **kwargs,
+    )
+
+
+# --- pretrained configs ------------------------------------------------------------------------
+PAPER = 'High-Performance Large-Scale Image Recognition Without Normalization'
+
+
+def _cfg(train_px: int = 224, test_px: int = 256, **kwargs: Any) -> Dict[str, Any]:
+    """Reference preprocessing: bicubic squash-resize to S+32, centre crop S, ImageNet mean/std."""
+    return {
+        'num_classes': 1000,
+        'input_size': (3, train_px, train_px),
+        'test_input_size': (3, test_px, test_px),
+        'pool_size': (-(-train_px // 32), -(-train_px // 32)),
+        'crop_pct': test_px / (test_px + 32),
+        'crop_mode': 'squash',
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv0',
+        'classifier': 'head.fc',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2102.06171',
+        'paper_name': PAPER,
+        'origin_url': 'https://github.com/google-deepmind/deepmind-research/tree/master/nfnets',
+        **kwargs,
+    }
+
+
+HUB_NAMESPACE_ENV = 'TIMM_NFNET_HUB_NAMESPACE'
+
+
+def hub_repo_id(arch: str, tag: str = 'dm_in1k') -> str:
+    """Where ``arch.tag``'s weights are downloaded from.
+
+    By default the copies timm hosts of DeepMind's weights (``timm/dm_nfnet_f0.dm_in1k``, timm's
+    layout, converted on load). With ``TIMM_NFNET_HUB_NAMESPACE=ORG`` set before import, every
+    cfg points at ``ORG/<arch>.<tag>``, the repos ``timm-nfnet-hub publish`` writes.
+    """
+    namespace = os.environ.get(HUB_NAMESPACE_ENV, '').strip()
+    return f'{namespace}/{arch}.{tag}' if namespace else f'timm/dm_{arch}.{tag}'
+
+
+def _weights_cfg(i: int) -> Dict[str, Any]:
+    return _cfg(*F_RESOLUTIONS[i], hf_hub_id=hub_repo_id(f'nfnet_f{i}'))
+
+
+default_cfgs = generate_default_cfgs({
+    **{f'nfnet_f{i}.dm_in1k': _weights_cfg(i) for i in range(7)},
+    'nfnet_f7': _cfg(*F_RESOLUTIONS[7]),
+    **{f'nfnet_f{i}_plus': _cfg(*F_RESOLUTIONS[i]) for i in range(8)},
+    **{f'nf_seresnextd_f{i}': _cfg(*F_RESOLUTIONS[i]) for i in range(4)},
+    'nf_seresnext50d': _cfg(224, 256),
+    'nf_seresnext101d': _cfg(224, 256),
+})
+
+
+# --- entry points --------------------------------------------------------------------------------
+# timm registers weightless `nfnet_f0..f7` of its own; these replace them on purpose (timm's
+# `dm_nfnet_*` are left alone), so the "Overwriting ... in registry" warnings are silenced.
+with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message=r'Overwriting nfnet_f\d in registry')
+
+    @register_model
+    def nfnet_f0(pretrained: bool = False, **kwargs: Any) -> NFNet:
+        """NFNet-F0 (71.5M params, 83.6% top-1 at 256 px)."""
+        return _create_nfnet('nfnet_f0', pretrained, **kwargs)
+
+    @register_model
+    def nfnet_f1(pretrained: bool = False, **kwargs: Any) -> NFNet:
+        """NFNet-F1 (132.6M params, 84.7% top-1 at 320 px)."""
+        return _create_nfnet('nfnet_f1', pretrained, **kwargs)
+
+    @register_model
+    def nfnet_f2(pretrained: bool = False, **kwargs: Any) -> NFNet:
+        """NFNet-F2 (193.8M params, 85.1% top-1 at 352 px)."""
+        return _create_nfnet('nfnet_f2', pretrained, **kwargs)
+
+    @register_model
+    def nfnet_f3(pretrained: bool = False, **kwargs: Any) -> NFNet:
+        """NFNet-F3 (254.9M params, 85.7% top-1 at 416 px)."""
+        return _create_nfnet('nfnet_f3', pretrained, **kwargs)
+
+    @register_model
+    def nfnet_f4(pretrained: bool = False, **kwargs: Any) -> NFNet:
+        """NFNet-F4 (316.1M params, 85.9% top-1 at 512 px)."""
+        return _create_nfnet('nfnet_f4', pretrained, **kwargs)
+
+    @register_model
+    def nfnet_f5(pretrained: bool = False, **kwargs: Any) -> NFNet:
+        """NFNet-F5 (377.2M params, 86.0% top-1 at 544 px)."""
+        return _create_nfnet('nfnet_f5', pretrained, **kwargs)
+
+    @register_model
+    def nfnet_f6(pretrained: bool = False, **kwargs: Any) -> NFNet:
+        """NFNet-F6 (438.4M params, 86.5% top-1 at 576 px, trained with SAM)."""
+        return _create_nfnet('nfnet_f6', pretrained, **kwargs)
+
+    @register_model
+    def nfnet_f7(pretrained: bool = False, **kwargs: Any) -> NFNet:
+        """NFNet-F7 (499.5M params; no weights were released)."""
+        return _create_nfnet('nfnet_f7', pretrained, **kwargs)
+
+
+@register_model
+def nfnet_f0_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NFNet-F0+: F0 depths, widths 384/768/2048/2048 (no released weights)."""
+    return _create_nfnet('nfnet_f0_plus', pretrained, **kwargs)
+
+
+@register_model
+def nfnet_f1_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NFNet-F1+ (no released weights)."""
+    return _create_nfnet('nfnet_f1_plus', pretrained, **kwargs)
+
+
+@register_model
+def nfnet_f2_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NFNet-F2+ (no released weights)."""
+    return _create_nfnet('nfnet_f2_plus', pretrained, **kwargs)
+
+
+@register_model
+def nfnet_f3_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NFNet-F3+ (no released weights)."""
+    return _create_nfnet('nfnet_f3_plus', pretrained, **kwargs)
+
+
+@register_model
+def nfnet_f4_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NFNet-F4+, the paper's 89.2% JFT-300M model (no released weights)."""
+    return _create_nfnet('nfnet_f4_plus', pretrained, **kwargs)
+
+
+@register_model
+def nfnet_f5_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NFNet-F5+ (no released weights)."""
+    return _create_nfnet('nfnet_f5_plus', pretrained, **kwargs)
+
+
+@register_model
+def nfnet_f6_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NFNet-F6+ (no released weights)."""
+    return _create_nfnet('nfnet_f6_plus', pretrained, **kwargs)
+
+
+@register_model
+def nfnet_f7_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NFNet-F7+ (no released weights)."""
+    return _create_nfnet('nfnet_f7_plus', pretrained, **kwargs)
+
+
+@register_model
+def nf_seresnextd_f0(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NF-SE-ResNeXt-D at F0 depths (1,2,6,3): the paper's Table 2 baseline (80.4% top-1)."""
+    return _create_nfnet('nf_seresnextd_f0', pretrained, **kwargs)
+
+
+@register_model
+def nf_seresnextd_f1(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NF-SE-ResNeXt-D at F1 depths (2,4,12,6); Table 2 baseline 81.7%."""
+    return _create_nfnet('nf_seresnextd_f1', pretrained, **kwargs)
+
+
+@register_model
+def nf_seresnextd_f2(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NF-SE-ResNeXt-D at F2 depths (3,6,18,9); Table 2 baseline 82.0%."""
+    return _create_nfnet('nf_seresnextd_f2', pretrained, **kwargs)
+
+
+@register_model
+def nf_seresnextd_f3(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NF-SE-ResNeXt-D at F3 depths (4,8,24,12); Table 2 baseline 82.3%."""
+    return _create_nfnet('nf_seresnextd_f3', pretrained, **kwargs)
+
+
+@register_model
+def nf_seresnext50d(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NF-SE-ResNeXt-50-D: depths 3,4,6,3 with the NF-SE-ResNeXt-D block."""
+    return _create_nfnet('nf_seresnext50d', pretrained, **kwargs)
+
+
+@register_model
+def nf_seresnext101d(pretrained: bool = False, **kwargs: Any) -> NFNet:
+    """NF-SE-ResNeXt-101-D: depths 3,4,23,3 with the NF-SE-ResNeXt-D block."""
+    return _create_nfnet('nf_seresnext101d', pretrained, **kwargs)
