@@ -1,0 +1,1 @@
+"""Publishing NFNet weights to the Hugging Face Hub (installed as ``timm_nfnet_hub``)."""

@@ -1,0 +1,127 @@
+"""``timm-nfnet-convert``: DeepMind / timm / native NFNet weights -> ``model.safetensors`` + ``config.json``.
+
+    timm-nfnet-convert F0_haiku.npz -o out/nfnet_f0 --model nfnet_f0
+    timm-nfnet-convert params.pkl -o out/tiny --model nfnet_f0 \\
+        --model-kwargs '{"widths": [64, 128, 192, 192], "depths": [1, 2, 2, 1], "group_width": 32, "num_classes": 10}'
+
+The output folder loads with timm's own pretrained path::
+
+    timm.create_model('nfnet_f0', pretrained=True,
+                      pretrained_cfg_overlay=dict(file='out/nfnet_f0/model.safetensors'))
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf
+
+from . import __version__
+from .checkpoint import CheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file
+
+__all__ = ['build_model_from_state', 'list_nfnets', 'save_model_folder', 'convert', 'main']
+
+PathLike = Union[str, os.PathLike]
+
+
+def build_model_from_state(
+        state: Mapping[str, Any], model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None,
+) -> nn.Module:
+    """Create ``model_name`` (with ``model_kwargs``), load ``state`` (any layout) strictly; eval mode."""
+    if not timm.is_model(model_name):
+        raise ValueError(f'unknown model {model_name!r}; NFNets of this package: {", ".join(list_nfnets())}')
+    model = timm.create_model(model_name, pretrained=False, **dict(model_kwargs or {}))
+    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    bad = [n for n, t in model.state_dict().items() if not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f'non-finite values in {", ".join(bad[:10])}')
+    return model.eval()
+
+
+def list_nfnets() -> list:
+    """The model names this package registers."""
+    from .nfnet import MODEL_CFGS
+    return sorted(MODEL_CFGS)
+
+
+def save_model_folder(
+        model: nn.Module,
+        out_dir: PathLike,
+        metadata: Optional[Dict[str, str]] = None,
+) -> Path:
+    """Write ``model.safetensors`` (native layout) and timm's ``config.json`` into ``out_dir``.
+
+    Both are written to temporary names in ``out_dir`` and renamed into place, so a failure
+    never leaves a half-written file under the final names.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f'output folder is not writable: {out_dir}')
+    meta = {'format': 'pt', 'converter': f'timm-nfnet-ext {__version__}',
+            'architecture': model.pretrained_cfg.get('architecture', '')}
+    meta.update(metadata or {})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix='.tmp-') as tmp:
+        tmp = Path(tmp)
+        save_file(tensors, str(tmp / 'model.safetensors'), metadata=meta)
+        save_config_for_hf(model, str(tmp / 'config.json'))
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in ('model.safetensors', 'config.json'):
+            os.chmod(tmp / name, 0o666 & ~umask)  # not the 0600 of the temporary folder's files
+            os.replace(tmp / name, out_dir / name)
+    return out_dir
+
+
+def convert(
+        src: PathLike, out_dir: PathLike, model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Read ``src`` (any supported layout), load it into ``model_name``, and write the folder."""
+    state = load_checkpoint_file(src)
+    model = build_model_from_state(state, model_name, model_kwargs)
+    meta = {'source': os.path.basename(os.fspath(src)), 'source_layout': detect_layout(state)}
+    return save_model_folder(model, out_dir, meta)
+
+
+def _parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog='timm-nfnet-convert',
+        description='Convert DeepMind (F*_haiku.npz dill pickles, read safely), timm dm_nfnet or native '
+                    'NFNet weights into model.safetensors + config.json for timm.')
+    p.add_argument('src', help='checkpoint file: DeepMind pickle/.npz, safetensors, or weights-only .pth')
+    p.add_argument('-o', '--output', required=True, help='output folder')
+    p.add_argument('--model', required=True, help='timm model name, e.g. nfnet_f0')
+    p.add_argument('--model-kwargs', default='{}', help='JSON object of create_model keywords (widths, depths, ...)')
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = _parse_args(argv)
+    try:
+        kwargs = json.loads(args.model_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError('--model-kwargs must be a JSON object')
+    except json.JSONDecodeError as e:
+        print(f'timm-nfnet-convert: --model-kwargs is not valid JSON: {e}', file=sys.stderr)
+        return 2
+    try:
+        out = convert(args.src, args.output, args.model, kwargs)
+    except (CheckpointError, ValueError, TypeError, FileNotFoundError, PermissionError) as e:
+        print(f'timm-nfnet-convert: error: {e}', file=sys.stderr)
+        return 1
+    print(f'wrote {out / "model.safetensors"} and {out / "config.json"}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
