@@ -252,8 +252,11 @@ def _native_to_deepmind_name(name: str, blocks: Dict[Tuple[int, int], int], root
     return f'{dm_module}/{dm_param}', 'conv' if param == 'weight' else 'plain'
 
 
-def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module) -> StateDict:
-    """Map a flat DeepMind param dict onto ``model``'s parameter names (HWIO -> OIHW, (in,out) -> (out,in))."""
+def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module, skip_shape: Iterable[str] = ()) -> StateDict:
+    """Map a flat DeepMind param dict onto ``model``'s parameter names (HWIO -> OIHW, (in,out) -> (out,in)).
+
+    Raises ``CheckpointError`` listing every missing, unexpected and mis-shaped key at once.
+    """
     flat = _flatten_tree(flat, 'DeepMind checkpoint') if any(isinstance(v, Mapping) for v in flat.values()) else flat
     roots = {k.split('/~/', 1)[0] for k in flat}
     if len(roots) != 1:
@@ -261,9 +264,9 @@ def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module) -> StateDict:
     root = roots.pop()
     blocks = _block_index(model)
     out: StateDict = {}
-    used = set()
-    missing = []
-    for name in model.state_dict():
+    used, missing, misshaped = set(), [], []
+    skip_shape = set(skip_shape)
+    for name, expected in model.state_dict().items():
         dm_name, kind = _native_to_deepmind_name(name, blocks, root)
         if dm_name not in flat:
             missing.append(f'{name} (DeepMind {dm_name})')
@@ -279,9 +282,11 @@ def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module) -> StateDict:
             value = value.T
         out[name] = torch.from_numpy(np.array(value, dtype=np.float32, order="C"))
         used.add(dm_name)
+        if name not in skip_shape and tuple(out[name].shape) != tuple(expected.shape):
+            misshaped.append(f'{name} {tuple(out[name].shape)} vs model {tuple(expected.shape)}')
     unexpected = sorted(set(flat) - used)
-    if missing or unexpected:
-        raise CheckpointError(_mismatch_message(missing, unexpected, []))
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_mismatch_message(missing, unexpected, misshaped))
     return out
 
 
@@ -369,16 +374,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Sta
     The first conv and the classifier may differ in shape (timm adapts ``in_chans`` and drops a
     classifier of another ``num_classes`` after this filter); everything else must match.
     """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    first_conv, classifier = cfg.get('first_conv', 'stem.conv0'), cfg.get('classifier', 'head.fc')
+    skip = {f'{first_conv}.weight', f'{classifier}.weight', f'{classifier}.bias'}
     layout = detect_layout(state_dict)
     if layout == 'deepmind':
-        out = deepmind_to_native(state_dict, model)
+        out = deepmind_to_native(state_dict, model, skip_shape=skip)
     elif layout == 'timm':
         out = timm_to_native(state_dict)
     else:
         out = {k: torch.as_tensor(v) for k, v in state_dict.items()}
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    first_conv, classifier = cfg.get('first_conv', 'stem.conv0'), cfg.get('classifier', 'head.fc')
-    skip = {f'{first_conv}.weight', f'{classifier}.weight', f'{classifier}.bias'}
     if getattr(model, 'num_classes', 1) == 0:
         out = {k: v for k, v in out.items() if not k.startswith(classifier + '.')}
     check_state_dict(out, model, skip_shape=skip)

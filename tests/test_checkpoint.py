@@ -1,0 +1,222 @@
+"""Safe reading of DeepMind pickles, layout mapping, and checkpoints that must be refused."""
+import io
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from timm_nfnet_ext import convert
+from timm_nfnet_ext.checkpoint import (
+    CheckpointError, UnsafeCheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file,
+    native_to_timm, read_deepmind_pickle, timm_to_native,
+)
+
+from conftest import FIXTURES, fixture_model_kwargs, tiny_model
+
+
+@pytest.mark.parametrize('name,encoding', [
+    ('tiny_nfnet', 'haiku._src.data_structures FlatMapping'),  # the 2021 release encoding
+    ('tiny_nfnet_odd', 'dill._dill'),
+])
+def test_reads_both_release_encodings_without_dill_or_haiku(name, encoding):
+    raw = (FIXTURES / name / 'params.pkl').read_bytes()
+    assert encoding.split()[-1].encode() in raw or encoding.encode() in raw
+    flat = read_deepmind_pickle(raw)
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in flat.values())
+    assert flat['NFNet/~/stem_conv0/w'].shape == (3, 3, 3, 16)
+    assert flat['NFNet/~/nf_block/skip_gain'].shape == ()
+    import sys
+    assert 'dill' not in sys.modules and 'haiku' not in sys.modules
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / 'pwned'
+    payload = pickle.dumps({'NFNet/~/stem_conv0': {'w': _RunsCode(marker)}})
+    bad = tmp_path / 'F0_haiku.npz'
+    bad.write_bytes(payload)
+    with pytest.raises(UnsafeCheckpointError, match=r'(posix|os)\.system'):
+        load_checkpoint_file(bad)
+    assert not marker.exists()
+    # the converter reports it and writes nothing
+    out = tmp_path / 'out'
+    assert convert.main([str(bad), '-o', str(out), '--model', 'nfnet_f0']) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize('obj', [
+    {'a': {'w': eval}},  # builtins.eval
+    {'a': {'w': np.array([object()], dtype=object)}},  # object arrays
+])
+def test_other_globals_are_refused(obj):
+    with pytest.raises(UnsafeCheckpointError, match='refusing'):
+        read_deepmind_pickle(pickle.dumps(obj))
+
+
+def test_non_array_leaves_are_refused():
+    with pytest.raises(CheckpointError, match='not a numpy array'):
+        read_deepmind_pickle(pickle.dumps({'NFNet/~/x': {'w': [1.0, 2.0]}}))
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    raw = (FIXTURES / 'tiny_nfnet' / 'params.pkl').read_bytes()
+    cut = tmp_path / 'cut.npz'
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        load_checkpoint_file(cut)
+    junk = tmp_path / 'junk.safetensors'
+    junk.write_bytes(struct.pack('<Q', 10 ** 9) + b'{"not": "json')
+    with pytest.raises(CheckpointError, match='not a readable'):
+        load_checkpoint_file(junk)
+    empty = tmp_path / 'empty.bin'
+    empty.write_bytes(b'')
+    with pytest.raises(CheckpointError, match='empty'):
+        load_checkpoint_file(empty)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint_file(tmp_path / 'missing.npz')
+
+
+def test_mismatched_checkpoints_list_the_keys():
+    flat = read_deepmind_pickle(FIXTURES / 'tiny_nfnet' / 'params.pkl')
+    model = tiny_model()
+    missing = dict(flat)
+    del missing['NFNet/~/nf_block_2/~/conv1b/w']
+    with pytest.raises(CheckpointError, match=r'missing keys: stages\.1\.1\.conv1b\.weight'):
+        checkpoint_filter_fn(missing, model)
+    extra = dict(flat, **{'NFNet/~/nf_block_9/skip_gain': np.zeros((), np.float32)})
+    with pytest.raises(CheckpointError, match='unexpected keys: NFNet/~/nf_block_9/skip_gain'):
+        checkpoint_filter_fn(extra, model)
+    native = checkpoint_filter_fn(flat, model)
+    native['stages.0.0.conv0.gain'] = torch.ones(7)
+    native['bogus.weight'] = torch.ones(1)
+    with pytest.raises(CheckpointError, match=r'unexpected keys: bogus\.weight.*mis-shaped keys: '
+                                              r'stages\.0\.0\.conv0\.gain \(7,\)'):
+        checkpoint_filter_fn(native, model)
+    # a checkpoint of another architecture is refused with the list, not silently half-loaded
+    with pytest.raises(CheckpointError, match='missing keys'):
+        checkpoint_filter_fn(flat, timm.create_model('nfnet_f0', widths=(64, 128, 192, 192), depths=(1, 2, 3, 1),
+                                                     group_width=32, num_classes=10))
+
+
+def test_timm_dm_nfnet_layout_maps_tensor_by_tensor():
+    """A state dict of timm's own dm_nfnet port loads into ours with every tensor in its place."""
+    theirs = timm.create_model('dm_nfnet_f0', num_classes=10)
+    for p in theirs.parameters():
+        p.data.normal_()
+    sd = theirs.state_dict()
+    assert detect_layout(sd) == 'timm'
+    ours = timm.create_model('nfnet_f0', num_classes=10)
+    mapped = checkpoint_filter_fn(sd, ours)
+    ours.load_state_dict(mapped)
+    pairs = {
+        'stem.conv0.weight': 'stem.conv1.weight',
+        'stem.conv3.gain': 'stem.conv4.gain',
+        'stages.0.0.conv_shortcut.weight': 'stages.0.0.downsample.conv.weight',
+        'stages.2.3.conv0.bias': 'stages.2.3.conv1.bias',
+        'stages.2.3.conv1.weight': 'stages.2.3.conv2.weight',
+        'stages.2.3.conv1b.gain': 'stages.2.3.conv2b.gain',
+        'stages.2.3.conv2.weight': 'stages.2.3.conv3.weight',
+        'stages.3.2.se.fc1.weight': 'stages.3.2.attn_last.fc1.weight',
+        'stages.3.2.skip_gain': 'stages.3.2.skipinit_gain',
+        'final_conv.weight': 'final_conv.weight',
+        'head.fc.weight': 'head.fc.weight',
+    }
+    ours_sd = ours.state_dict()
+    for mine, timms in pairs.items():
+        assert torch.equal(ours_sd[mine].flatten(), sd[timms].flatten()), mine
+    # and every tensor round-trips through the inverse mapping
+    back = native_to_timm(ours_sd)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    assert set(timm_to_native(back)) == set(ours_sd)
+
+
+def test_timm_layout_outputs_are_close_to_timm_port():
+    """With the same weights, timm's port and ours differ only by timm's numeric choices (small)."""
+    torch.manual_seed(0)
+    theirs = timm.create_model('dm_nfnet_f0', num_classes=10).eval()
+    ours = timm.create_model('nfnet_f0', num_classes=10).eval()
+    for p in theirs.parameters():
+        if p.ndim == 0:
+            p.data.fill_(0.5)  # non-zero skip gains so the residual branches count
+    ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    assert (a - b).abs().max() > 0  # timm's var+eps and erf-GELU make it differ at all
+
+
+def test_pretrained_load_adapts_in_chans_and_num_classes(tmp_path):
+    name = 'tiny_nfnet'
+    kwargs = fixture_model_kwargs(name)
+    out = tmp_path / 'm'
+    assert convert.main([str(FIXTURES / name / 'params.pkl'), '-o', str(out), '--model', 'nfnet_f0',
+                         '--model-kwargs', __import__('json').dumps(kwargs)]) == 0
+    file = str(out / 'model.safetensors')
+    base = dict(kwargs, num_classes=10)
+    src = timm.create_model('nfnet_f0', pretrained=True, pretrained_cfg_overlay=dict(file=file, num_classes=10),
+                            **base)
+    five = timm.create_model('nfnet_f0', pretrained=True, pretrained_cfg_overlay=dict(file=file, num_classes=10),
+                             **dict(base, num_classes=5))
+    assert five.get_classifier().out_features == 5
+    assert torch.equal(five.final_conv.weight, src.final_conv.weight)
+    gray = timm.create_model('nfnet_f0', pretrained=True, pretrained_cfg_overlay=dict(file=file, num_classes=10),
+                             **dict(base, in_chans=1))
+    assert gray.stem.conv0.weight.shape[1] == 1
+    headless = timm.create_model('nfnet_f0', pretrained=True, pretrained_cfg_overlay=dict(file=file, num_classes=10),
+                                 **dict(base, num_classes=0))
+    assert torch.equal(headless.stages[1][1].conv1b.weight, src.stages[1][1].conv1b.weight)
+
+
+def test_converter_errors(tmp_path, capsys):
+    src = str(FIXTURES / 'tiny_nfnet' / 'params.pkl')
+    assert convert.main([src, '-o', str(tmp_path / 'a'), '--model', 'nfnet_f9']) == 1
+    assert 'unknown model' in capsys.readouterr().err
+    assert convert.main([src, '-o', str(tmp_path / 'b'), '--model', 'nfnet_f0', '--model-kwargs', '{bad']) == 2
+    assert 'not valid JSON' in capsys.readouterr().err
+    # wrong architecture for the weights: mismatch listed, nothing written
+    assert convert.main([src, '-o', str(tmp_path / 'c'), '--model', 'nfnet_f0']) == 1
+    err = capsys.readouterr().err
+    assert 'missing keys: stages.2.3.skip_gain (DeepMind NFNet/~/nf_block_6/skip_gain)' in err
+    assert 'mis-shaped keys: ' in err and 'stem.conv3.weight (32, 64, 3, 3) vs model (128, 64, 3, 3)' in err
+    assert not (tmp_path / 'c' / 'model.safetensors').exists()
+
+
+def test_converter_refuses_non_finite_weights(tmp_path):
+    model = tiny_model()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd['stages.1.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+    src = tmp_path / 'nan.safetensors'
+    save_file(sd, str(src))
+    kwargs = dict(widths=[64, 128, 192, 192], depths=[1, 2, 2, 1], group_width=32, num_classes=10)
+    with pytest.raises(CheckpointError, match=r'non-finite values in stages\.1\.0\.conv1\.weight'):
+        convert.convert(src, tmp_path / 'out', 'nfnet_f0', kwargs)
+    assert not (tmp_path / 'out' / 'model.safetensors').exists()
+
+
+def test_native_safetensors_and_weights_only_pth_round_trip(tmp_path):
+    model = tiny_model()
+    sd = model.state_dict()
+    torch.save({'state_dict': {'module.' + k: v for k, v in sd.items()}}, tmp_path / 'ckpt.pth')
+    loaded = load_checkpoint_file(tmp_path / 'ckpt.pth')
+    assert detect_layout(loaded) == 'native'
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    # a .pth that pickles arbitrary objects is refused by weights_only loading
+    torch.save({'state_dict': sd, 'evil': _RunsCode(tmp_path / 'x')}, tmp_path / 'evil.pth')
+    with pytest.raises(CheckpointError, match='weights-only'):
+        load_checkpoint_file(tmp_path / 'evil.pth')
+    assert not (tmp_path / 'x').exists()

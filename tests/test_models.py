@@ -1,0 +1,260 @@
+"""The registry, configs and the timm model contract of the NFNet family."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from timm.models import group_parameters
+
+from timm_nfnet_ext import MODEL_CFGS, NFNet
+
+from conftest import tiny_model
+
+F_PARAMS = {  # the reference's parameter counts (NFNETS.md; F0 exact, others to 0.1M)
+    'nfnet_f0': 71.5, 'nfnet_f1': 132.6, 'nfnet_f2': 193.8, 'nfnet_f3': 254.9,
+    'nfnet_f4': 316.1, 'nfnet_f5': 377.2, 'nfnet_f6': 438.4, 'nfnet_f7': 499.5,
+}
+
+
+def _meta_model(name, **kwargs):
+    with torch.device('meta'):
+        return timm.create_model(name, **kwargs)
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_every_family_member_is_registered():
+    expected = {f'nfnet_f{i}' for i in range(8)} | {f'nfnet_f{i}_plus' for i in range(8)} | \
+        {f'nf_seresnextd_f{i}' for i in range(4)} | {'nf_seresnext50d', 'nf_seresnext101d'}
+    assert expected == set(MODEL_CFGS)
+    for name in expected:
+        assert timm.is_model(name)
+        assert timm.models.model_entrypoint(name).__module__ == 'timm_nfnet_ext.nfnet'
+    # timm's own DeepMind ports stay untouched
+    assert timm.models.model_entrypoint('dm_nfnet_f0').__module__ == 'timm.models.nfnet'
+
+
+def test_import_replaces_timm_entries_without_warnings():
+    code = ('import warnings; warnings.simplefilter("error"); import timm, timm_nfnet_ext; '
+            'print(type(timm.models.model_entrypoint("nfnet_f3")).__name__)')
+    res = subprocess.run([sys.executable, '-W', 'error', '-c', code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert 'Overwriting' not in res.stderr
+
+
+def test_f0_parameter_count_is_exact():
+    assert _count(_meta_model('nfnet_f0')) == 71_489_284
+
+
+@pytest.mark.parametrize('name', sorted(F_PARAMS))
+def test_f_parameter_counts(name):
+    count = _count(_meta_model(name))
+    assert round(count / 1e6, 1) == F_PARAMS[name]
+    if name != 'nfnet_f7':  # timm's port has the same parameters, in another layout
+        assert count == _count(_meta_model('dm_' + name))
+
+
+def test_wide_and_resnext_variants():
+    wide = _meta_model('nfnet_f4_plus')
+    assert [s[-1].conv2.out_channels for s in wide.stages] == [384, 768, 2048, 2048]
+    assert wide.stem.conv3.out_channels == 192
+    rx = _meta_model('nf_seresnext101d')
+    assert [len(s) for s in rx.stages] == [3, 4, 23, 3]
+    assert [s[0].conv2.out_channels for s in rx.stages] == [256, 512, 1024, 2048]
+    assert all(b.conv1b is None for s in rx.stages for b in s)
+    assert rx.stages[2][0].conv1.groups == 512 // 128
+    rx_f1 = _meta_model('nf_seresnextd_f1')
+    assert [len(s) for s in rx_f1.stages] == [2, 4, 12, 6]
+
+
+def test_pretrained_cfgs():
+    for i, (train, test) in enumerate([(192, 256), (224, 320), (256, 352), (320, 416), (384, 512), (416, 544),
+                                       (448, 576)]):
+        cfg = timm.models.get_pretrained_cfg(f'nfnet_f{i}.dm_in1k')
+        assert cfg.input_size == (3, train, train) and cfg.test_input_size == (3, test, test)
+        assert cfg.crop_pct == pytest.approx(test / (test + 32))
+        assert (cfg.crop_mode, cfg.interpolation, cfg.license) == ('squash', 'bicubic', 'apache-2.0')
+        assert cfg.hf_hub_id and cfg.num_classes == 1000 and '2102.06171' in cfg.paper_ids
+        assert (cfg.first_conv, cfg.classifier) == ('stem.conv0', 'head.fc')
+    assert timm.models.get_pretrained_cfg('nfnet_f0').tag == 'dm_in1k'  # the default tag
+    pretrained = set(timm.list_models('nf*', pretrained=True))
+    assert {f'nfnet_f{i}.dm_in1k' for i in range(7)} <= pretrained
+    # architectures without released weights claim none
+    assert not pretrained & {'nfnet_f7', 'nfnet_f0_plus', 'nf_seresnext50d'}
+    assert not timm.models.get_pretrained_cfg('nfnet_f7').has_weights
+
+
+def test_data_config_is_the_reference_preprocessing():
+    model = _meta_model('nfnet_f1')
+    cfg = timm.data.resolve_model_data_config(model, use_test_size=True)
+    assert cfg['input_size'] == (3, 320, 320) and cfg['crop_pct'] == pytest.approx(320 / 352)
+    transform = timm.data.create_transform(**cfg)
+    text = repr(transform)
+    assert 'bicubic' in text.lower() and '352' in text and '320' in text
+
+
+def test_create_model_keywords_build_any_architecture():
+    m = timm.create_model('nfnet_f0', widths=[32, 64, 96, 128], depths=[1, 1, 2, 1], group_width=16,
+                          use_two_convs=False, activation='silu', alpha=0.3, se_ratio=0.25, drop_path_rate=0.1,
+                          drop_rate=0.0, num_classes=3, in_chans=1)
+    assert m.cfg.widths == (32, 64, 96, 128) and m.cfg.alpha == 0.3
+    assert m.stages[2][1].drop_path.rate == pytest.approx(0.1 * 3 / 5)
+    assert m.stages[0][0].drop_path.rate == 0.0
+    assert m.stages[1][0].se.fc1.out_features == 16
+    assert m(torch.randn(2, 1, 40, 40)).shape == (2, 3)
+
+
+def test_beta_and_alpha_bookkeeping():
+    m = tiny_model(alpha=0.5)
+    betas = [b.beta for s in m.stages for b in s]
+    # beta = 1/expected_std; expected_std grows by alpha^2 per block and resets after a stage's first block
+    r1, r2 = 1 / 1.25 ** 0.5, 1 / 1.5 ** 0.5
+    assert betas == pytest.approx([1.0, r1, r1, r2, r1, r2])
+
+
+def test_forward_features_head_and_classifier():
+    m = tiny_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.forward_features(x)
+    assert feats.shape == (2, m.num_features, 2, 2)
+    pooled = m.forward_head(feats, pre_logits=True)
+    assert torch.allclose(pooled, feats.mean((2, 3)))
+    assert torch.allclose(m.forward_head(feats), m.get_classifier()(pooled))
+    m.reset_classifier(5)
+    assert m(x).shape == (2, 5) and m.get_classifier().out_features == 5
+    assert m.get_classifier().weight.std().item() == pytest.approx(0.01, rel=0.2)
+    m.reset_classifier(0)
+    assert m(x).shape == (2, m.num_features)
+    m.reset_classifier(0, '')
+    assert m(x).shape == (2, m.num_features, 2, 2)
+
+
+def test_default_cfg_pool_size_matches_features():
+    m = tiny_model()  # the F0 cfg's input size and strides
+    assert m.forward_features(torch.randn(1, 3, 192, 192)).shape[-2:] == m.pretrained_cfg['pool_size']
+
+
+def test_features_only_and_forward_intermediates_agree():
+    torch.manual_seed(3)
+    m = tiny_model().eval()
+    torch.manual_seed(3)  # the same draws: the feature wrapper is built from the same model
+    feat = timm.create_model('nfnet_f0', features_only=True, widths=(64, 128, 192, 192), depths=(1, 2, 2, 1),
+                             group_width=32, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        outs = feat(x)
+        final, inter = m.forward_intermediates(x)
+    assert feat.feature_info.reduction() == [2, 4, 8, 16, 32]
+    assert feat.feature_info.channels() == [64, 64, 128, 192, 384]
+    assert [o.shape[1] for o in outs] == feat.feature_info.channels()
+    assert [64 // o.shape[-1] for o in outs] == feat.feature_info.reduction()
+    for a, b in zip(outs, inter):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(final, m.forward_features(x), atol=1e-6)
+    only = m.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert len(only) == 2 and torch.allclose(only[1], inter[3])
+    kept = m.prune_intermediate_layers(indices=[0, 1, 2])
+    assert kept == [0, 1, 2] and len(m.stages) == 2 and m.num_classes == 0
+    assert m.forward_intermediates(x, indices=[2], intermediates_only=True)[0].shape == inter[2].shape
+
+
+def test_group_matcher_covers_every_parameter():
+    m = tiny_model()
+    groups = group_parameters(m, m.group_matcher())
+    names = {n for g in groups.values() for n in g}
+    assert names == {n for n, _ in m.named_parameters()}
+    coarse = group_parameters(m, m.group_matcher(coarse=True))
+    assert len(coarse) < len(groups)
+
+
+def test_no_weight_decay_names_gains_biases_and_skip_gains():
+    m = tiny_model()
+    nwd = m.no_weight_decay()
+    params = dict(m.named_parameters())
+    assert nwd == {n for n, p in params.items() if p.ndim <= 1}
+    assert 'stages.0.0.skip_gain' in nwd and 'stem.conv0.gain' in nwd and 'head.fc.bias' in nwd
+    assert 'stem.conv0.weight' not in nwd and 'stages.0.0.se.fc1.weight' not in nwd
+
+
+def test_grad_checkpointing_gives_same_output_and_grads():
+    m = tiny_model(drop_rate=0.0).train()
+    x = torch.randn(2, 3, 64, 64)
+    m(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m(x).sum().backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+
+
+def test_backward_reaches_every_parameter():
+    m = tiny_model(num_classes=42).train()
+    m(torch.randn(2, 3, 64, 64)).mean().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_stochastic_depth_drops_whole_samples_without_rescale():
+    m = tiny_model(drop_path_rate=0.9, drop_rate=0.0).train()
+    block = m.stages[3][0]
+    assert block.drop_path.rate == pytest.approx(0.9 * 5 / 6)
+    torch.manual_seed(1)
+    masks = torch.stack([block.drop_path(torch.zeros(64, 1, 1, 1)) for _ in range(20)])
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}  # kept samples are not rescaled by 1/keep
+    assert masks.mean().item() == pytest.approx(1 - 0.75, abs=0.05)
+    assert block.drop_path.eval()(torch.zeros(3, 1)) is None
+
+
+def test_torch_compile_fullgraph():
+    m = tiny_model().eval()
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(m, backend='eager', fullgraph=True)  # fullgraph: fails on any graph break
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), m(x), atol=1e-6)
+
+
+def test_reparameterize_fuses_every_ws_conv():
+    from timm_nfnet_ext.layers import WSConv2d
+    m = tiny_model().eval()
+    for p in m.parameters():  # non-trivial gains and biases
+        p.data.add_(torch.randn_like(p) * 0.1)
+    fused = timm.utils.reparameterize_model(m)
+    assert not any(isinstance(mod, WSConv2d) for mod in fused.modules())
+    assert all(type(mod) in (torch.nn.Conv2d,) or mod.stride[0] > 1
+               for mod in fused.modules() if isinstance(mod, torch.nn.Conv2d))
+    for size in [(64, 64), (45, 51)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert (fused(x) - m(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize('shape,match', [
+    ((2, 1, 64, 64), 'expected 3 input channels'),
+    ((2, 3, 16, 64), 'too small'),
+    ((3, 64, 64), 'NCHW'),
+])
+def test_bad_inputs_are_named(shape, match):
+    m = tiny_model().eval()
+    with pytest.raises(ValueError, match=match):
+        m(torch.randn(*shape))
+
+
+def test_unknown_keyword_and_bad_config():
+    with pytest.raises(TypeError, match='unknown NFNet argument.*widht'):
+        timm.create_model('nfnet_f0', widht=(1, 2, 3, 4))
+    with pytest.raises(ValueError, match='unknown activation'):
+        timm.create_model('nfnet_f0', activation='swishy')
+    with pytest.raises(ValueError, match='widths has 3 entries'):
+        timm.create_model('nfnet_f0', widths=(64, 128, 256))
+    with pytest.raises(ValueError, match='narrower than group_width'):
+        timm.create_model('nfnet_f0', widths=(64, 128, 192, 192), group_width=256)
+    with pytest.raises(RuntimeError, match='Unknown model'):
+        timm.create_model('nfnet_f9')
+
+
+def test_model_class_is_usable_without_timm_factory():
+    m = NFNet(depths=(1, 1, 1, 1), widths=(32, 64, 64, 64), group_width=16, num_classes=4)
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
