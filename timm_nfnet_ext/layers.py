@@ -65,6 +65,21 @@ _ACT_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'softplus': F.softplus,
     'tanh': torch.tanh,
 }
+# In-place forms, used at inference (no autograd on the input): a fresh multi-MB output per
+# activation costs page faults comparable to the activation itself on CPU.
+_INPLACE_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'identity': lambda x: x,
+    'celu': lambda x: F.celu(x, inplace=True),
+    'elu': lambda x: F.elu(x, inplace=True),
+    'gelu': lambda x: torch.ops.aten.gelu_(x, approximate='tanh'),
+    'leaky_relu': lambda x: F.leaky_relu(x, inplace=True),
+    'relu': torch.relu_,
+    'relu6': lambda x: F.relu6(x, inplace=True),
+    'selu': torch.selu_,
+    'sigmoid': torch.sigmoid_,
+    'silu': lambda x: F.silu(x, inplace=True),
+    'tanh': torch.tanh_,
+}
 
 
 def get_act_fn(name: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], float]:
@@ -75,20 +90,29 @@ def get_act_fn(name: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], float
 
 
 class Activation(nn.Module):
-    """An activation of the gamma table; ``scale`` multiplies the output (1.0 when folded away)."""
+    """An activation of the gamma table; ``scale`` multiplies the output (1.0 when folded away).
 
-    def __init__(self, name: str, scale: float = 1.0):
+    With ``inplace=True`` the input is overwritten whenever autograd does not need it (inference);
+    only set it where nothing else reads the input afterwards.
+    """
+
+    def __init__(self, name: str, scale: float = 1.0, inplace: bool = False):
         super().__init__()
         self.name = name
         self.fn, _ = get_act_fn(name)
+        self.fn_ = _INPLACE_FNS.get(name) if inplace else None
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fn(x)
-        return x * self.scale if self.scale != 1.0 else x
+        no_grad = not (x.requires_grad and torch.is_grad_enabled())
+        y = self.fn_(x) if self.fn_ is not None and no_grad else self.fn(x)
+        if self.scale == 1.0:
+            return y
+        # scale in place when y is ours to overwrite (a fresh output, or an in-place result)
+        return y.mul_(self.scale) if no_grad and (y is not x or self.fn_ is not None) else y * self.scale
 
     def extra_repr(self) -> str:
-        return f'{self.name}, scale={self.scale}' if self.scale != 1.0 else self.name
+        return self.name + (f', scale={self.scale}' if self.scale != 1.0 else '') + (', inplace' if self.fn_ else '')
 
 
 def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:

@@ -108,7 +108,8 @@ class NFBlock(nn.Module):
             raise ValueError(f'bottleneck width {width} is narrower than group_width {group_width}')
         width = group_width * groups
         self.beta, self.alpha = beta, alpha
-        self.act = Activation(activation)
+        self.act_in = Activation(activation)  # its input is also the identity shortcut: never in place
+        self.act = Activation(activation, inplace=True)  # on conv outputs nothing else reads
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
         # 'SAME' 2x2/2 avg pool == ceil_mode pooling that divides by the valid count.
         self.conv_shortcut = None
@@ -123,7 +124,7 @@ class NFBlock(nn.Module):
         self.skip_gain = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(x)  # gamma * beta live in conv0 / conv_shortcut
+        out = self.act_in(x)  # gamma * beta live in conv0 / conv_shortcut
         if self.conv_shortcut is None:
             shortcut = x
         elif self.pool is not None:
@@ -184,11 +185,11 @@ class NFNet(nn.Module):
         stem_out = cfg.widths[0] // 2
         self.stem = nn.Sequential(OrderedDict([
             ('conv0', WSConv2d(in_chans, s0, 3, stride=2)),
-            ('act0', Activation(cfg.activation)),
+            ('act0', Activation(cfg.activation, inplace=True)),
             ('conv1', WSConv2d(s0, s1, 3, input_scale=gamma)),
-            ('act1', Activation(cfg.activation)),
+            ('act1', Activation(cfg.activation, inplace=True)),
             ('conv2', WSConv2d(s1, s2, 3, input_scale=gamma)),
-            ('act2', Activation(cfg.activation)),
+            ('act2', Activation(cfg.activation)),  # its input is the stride-2 feature tap
             ('conv3', WSConv2d(s2, stem_out, 3, stride=2, input_scale=gamma)),
         ]))
         self.feature_info = [dict(num_chs=s2, reduction=2, module='stem.conv2')]

@@ -1,0 +1,286 @@
+"""Side-by-side speed of this package's NFNets against timm's ``dm_nfnet_*``, same weights, one run.
+
+    python benchmarks/bench.py --model nfnet_f0                    # CPU, fp32
+    python benchmarks/bench.py --model nfnet_f0 --device cuda --amp bf16 --train-batch 64
+
+Prints how far the two models' outputs are apart, then a table of timings and ratios
+(timm time / ours time: > 1 means this package is faster), and writes the same as JSON:
+- inference, eager, per batch size and resolution: timm vs ours, ours after
+  ``timm.utils.reparameterize_model`` (fused), both in channels_last, and both compiled;
+- one training step (forward, backward, AGC, SGD step): timm's model + timm's
+  ``adaptive_clip_grad`` + ``torch.optim.SGD`` vs ours + ``sgdagc``;
+- peak memory of each training step (CUDA: max allocated; CPU: peak RSS of a child process);
+- achieved GFLOP/s of each inference row against a fp32 matmul peak measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+import timm
+import timm_nfnet_ext  # noqa: F401  (registers the models and AGC optimizers)
+from timm_nfnet_ext.checkpoint import checkpoint_filter_fn
+
+
+# --- models -------------------------------------------------------------------------------------
+def build_pair(model_name: str, device: str) -> tuple:
+    """timm's dm_ port with random weights, and ours holding exactly the same weights."""
+    torch.manual_seed(0)
+    theirs = timm.create_model('dm_' + model_name).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.ndim == 0:
+                p.fill_(0.3)  # non-zero skip gains so every residual branch counts
+    ours = timm.create_model(model_name).eval()
+    ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours))
+    return theirs.to(device), ours.to(device)
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of the convs and linears for one forward of ``x``."""
+    total = [0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Conv2d):
+            kh, kw = mod.kernel_size
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * kh * kw
+        elif isinstance(mod, nn.Linear):
+            total[0] += out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+# --- timing -------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, warmup: int, repeats: int, min_time: float = 0.0) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * repeats:
+            break
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
+    n = 2048 if device == 'cpu' else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: torch.mm(a, b), device, warmup=2, repeats=5)
+    return 2 * n ** 3 / t / 1e9
+
+
+def autocast(device: str, amp: Optional[str]):
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[amp])
+
+
+def compile_model(model: nn.Module, device: str) -> nn.Module:
+    """Both sides get the same settings: inductor, static shapes, frozen weights."""
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    return torch.compile(model, dynamic=False)
+
+
+# --- inference --------------------------------------------------------------------------------------
+def bench_inference(args, theirs, ours, peak: float) -> List[Dict]:
+    rows = []
+    fused = timm.utils.reparameterize_model(ours)
+    variants = {
+        'eager': (theirs, ours),
+        'eager, ours fused': (theirs, fused),
+        'channels_last, ours fused': (copy.deepcopy(theirs).to(memory_format=torch.channels_last),
+                                      copy.deepcopy(fused).to(memory_format=torch.channels_last)),
+    }
+    for size in args.sizes:
+        for batch in args.batch_sizes:
+            x = torch.randn(batch, 3, size, size, device=args.device)
+            macs = count_macs(fused, x)
+            with torch.no_grad(), autocast(args.device, args.amp):
+                ref = ours(x).float()
+                for label, (a, b) in variants.items():
+                    xi = x.to(memory_format=torch.channels_last) if 'channels_last' in label else x
+                    if label != 'eager':  # every fast path must match our own eager outputs
+                        err = (b(xi).float() - ref).abs().max().item()
+                        assert err <= args.tol, f'{label}: differs from eager by {err:.2e}'
+                    rows.append(_row(f'infer {label}', batch, size, a, b, xi, args, macs, peak))
+                if args.compile:
+                    ca, cb = compile_model(theirs, args.device), compile_model(fused, args.device)
+                    err = (cb(x).float() - ref).abs().max().item()
+                    assert err <= args.tol, f'compiled: differs from eager by {err:.2e}'
+                    rows.append(_row('infer compiled, ours fused', batch, size, ca, cb, x, args, macs, peak))
+                    torch._dynamo.reset()
+    return rows
+
+
+def _row(label, batch, size, theirs, ours, x, args, macs, peak) -> Dict:
+    t_timm = time_fn(lambda: theirs(x), args.device, args.warmup, args.repeats, args.min_time)
+    t_ours = time_fn(lambda: ours(x), args.device, args.warmup, args.repeats, args.min_time)
+    gflops = 2 * macs / t_ours / 1e9
+    row = dict(case=label, batch=batch, px=size, timm_ms=1e3 * t_timm, ours_ms=1e3 * t_ours,
+               ratio=t_timm / t_ours, ours_img_s=batch / t_ours, ours_gflops=gflops, ours_of_peak=gflops / peak)
+    _print_row(row)
+    return row
+
+
+# --- training ----------------------------------------------------------------------------------------
+def train_step_fn(impl: str, model_name: str, device: str, amp: Optional[str], batch: int, size: int):
+    """One training step of either implementation, ready to call repeatedly."""
+    from timm.utils.agc import adaptive_clip_grad
+    theirs, ours = build_pair(model_name, device)
+    model = (theirs if impl == 'timm' else ours).train()
+    del theirs, ours
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    if impl == 'timm':
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            (no_decay if p.ndim <= 1 or n.endswith('.bias') else decay).append(p)
+        opt = torch.optim.SGD([{'params': decay, 'weight_decay': 2e-5}, {'params': no_decay, 'weight_decay': 0.}],
+                              lr=0.1, momentum=0.9, nesterov=True, foreach=True)
+    else:
+        opt = timm.optim.create_optimizer_v2(model, 'sgdagc', lr=0.1, momentum=0.9, weight_decay=2e-5,
+                                             clipping=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        if impl == 'timm':
+            adaptive_clip_grad(model.parameters(), clip_factor=0.01)
+        opt.step()
+    return step
+
+
+def _child_train(args) -> None:
+    """Runs in a subprocess so that each implementation's peak memory is its own."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    step = train_step_fn(args.child, args.model, args.device, args.amp, args.train_batch, args.train_px)
+    if args.device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    t = time_fn(step, args.device, warmup=args.warmup, repeats=args.train_repeats)
+    peak = (torch.cuda.max_memory_allocated() if args.device == 'cuda'
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps(dict(seconds=t, peak_bytes=peak)))
+
+
+def bench_train(args) -> Dict:
+    out = {}
+    for impl in ('timm', 'ours'):
+        cmd = [sys.executable, __file__, '--child', impl] + [a for a in sys.argv[1:] if a != '--child']
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f'training step ({impl}) failed:\n{res.stderr[-3000:]}')
+        out[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+    row = dict(case='train step + AGC + SGD', batch=args.train_batch, px=args.train_px,
+               timm_ms=1e3 * out['timm']['seconds'], ours_ms=1e3 * out['ours']['seconds'],
+               ratio=out['timm']['seconds'] / out['ours']['seconds'],
+               timm_peak_mb=out['timm']['peak_bytes'] / 2 ** 20, ours_peak_mb=out['ours']['peak_bytes'] / 2 ** 20)
+    _print_row(row)
+    print(f'    peak memory: timm {row["timm_peak_mb"]:.0f} MB, ours {row["ours_peak_mb"]:.0f} MB '
+          f'({"CUDA max allocated" if args.device == "cuda" else "peak RSS of the step process"})')
+    return row
+
+
+def _print_row(row: Dict) -> None:
+    extra = ''
+    if 'ours_gflops' in row:
+        extra = f'  {row["ours_img_s"]:8.2f} img/s  {row["ours_gflops"]:8.1f} GFLOP/s ({100 * row["ours_of_peak"]:.0f}% of peak)'
+    print(f'{row["case"]:<34} b{row["batch"]:<3} {row["px"]:>4}px  timm {row["timm_ms"]:9.1f} ms  '
+          f'ours {row["ours_ms"]:9.1f} ms  x{row["ratio"]:.2f}{extra}', flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='nfnet_f0', help='nfnet_f0 ... nfnet_f6 (compared with timm dm_nfnet_*)')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16'], help='autocast dtype (GPU runs)')
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8])
+    p.add_argument('--sizes', type=int, nargs='+', default=[192, 256])
+    p.add_argument('--train-batch', type=int, default=8)
+    p.add_argument('--train-px', type=int, default=192)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--train-repeats', type=int, default=5)
+    p.add_argument('--min-time', type=float, default=0.0, help='time each case for at least this many seconds')
+    p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--tol', type=float, default=1e-4, help='max |diff| of a fast path vs our eager output')
+    p.add_argument('--no-compile', dest='compile', action='store_false')
+    p.add_argument('--no-train', dest='train', action='store_false')
+    p.add_argument('--no-infer', dest='infer', action='store_false')
+    p.add_argument('--json', default='bench_results.json', help='where to write the results')
+    p.add_argument('--child', default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.amp and args.tol == 1e-4:
+        args.tol = 0.5  # reduced-precision paths are compared loosely
+    if args.child:
+        _child_train(args)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.amp == 'bf16' else torch.float16 if args.amp == 'fp16' else torch.float32
+    machine = (torch.cuda.get_device_name() if args.device == 'cuda'
+               else f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads')
+    print(f'{args.model} vs timm dm_{args.model} | {machine} | torch {torch.__version__}, timm {timm.__version__}')
+    peak = matmul_peak_gflops(args.device, dtype)
+    print(f'matmul peak ({dtype}): {peak:.0f} GFLOP/s')
+    theirs, ours = build_pair(args.model, args.device)
+    x = torch.randn(2, 3, args.sizes[-1], args.sizes[-1], device=args.device)
+    with torch.no_grad():
+        diff = (theirs(x) - ours(x)).abs().max().item()
+        top = ours(x).abs().max().item()
+    print(f'same weights, max |logit diff| timm vs ours: {diff:.3g} (largest logit {top:.3g}); '
+          'timm differs from the reference by design')
+    results = dict(model=args.model, device=args.device, machine=machine, amp=args.amp, torch=torch.__version__,
+                   timm=timm.__version__, matmul_peak_gflops=peak, logit_diff_vs_timm=diff, rows=[])
+    if args.infer:
+        results['rows'] += bench_inference(args, theirs, ours, peak)
+    del theirs, ours
+    if args.train:
+        results['rows'].append(bench_train(args))
+    tmp = args.json + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, args.json)
+    print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
