@@ -1,0 +1,73 @@
+"""The hand-written pieces of layers.py against their plain definitions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_nfnet_ext.layers import GAMMAS, Activation, WSConv2d, conv2d_same, same_pads, standardize_weight
+
+
+def _reference_ws(w, gain, c, eps):
+    """NFNETS.md: scale = rsqrt(max(var * fan_in, eps)) * gain; w_hat = w * scale - mean * scale."""
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), correction=0, keepdim=True)
+    scale = torch.rsqrt(torch.clamp(var * w[0].numel(), min=eps)) * (gain * c).view(-1, 1, 1, 1)
+    return w * scale - mean * scale
+
+
+@pytest.mark.parametrize('eps', [1e-4, 1e3])  # 1e3: every row on the eps floor
+def test_standardize_weight_value_and_gradients(eps):
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    gain = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        w[2] = 0.5  # a constant row: zero variance, on the floor even at eps=1e-4
+    assert torch.autograd.gradcheck(lambda w, g: standardize_weight(w, g, 1.7, eps), (w, gain))
+    out = standardize_weight(w, gain, 1.7, eps)
+    ref = _reference_ws(w, gain, 1.7, eps)
+    assert torch.allclose(out, ref, atol=1e-12)
+    go = torch.randn_like(out)
+    ours = torch.autograd.grad((out * go).sum(), (w, gain))
+    theirs = torch.autograd.grad((ref * go).sum(), (w, gain))
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert torch.isfinite(ours[0]).all()
+
+
+def test_ws_conv_init_and_zero_weights_stay_finite():
+    conv = WSConv2d(8, 16, 3)
+    assert conv.weight.std().item() == pytest.approx((1 / 72) ** 0.5, rel=0.15)
+    assert torch.equal(conv.gain, torch.ones(16)) and torch.equal(conv.bias, torch.zeros(16))
+    with torch.no_grad():
+        conv.weight.zero_()
+    y = conv(torch.randn(1, 8, 5, 5, requires_grad=True))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(conv.weight.grad).all()
+
+
+@pytest.mark.parametrize('size,k,s,expected', [(64, 3, 2, (0, 1)), (45, 3, 2, (1, 1)), (8, 3, 1, (1, 1)),
+                                               (7, 1, 1, (0, 0)), (5, 2, 2, (0, 1)), (4, 2, 2, (0, 0))])
+def test_same_pads_is_xla_same(size, k, s, expected):
+    assert same_pads(size, k, s) == expected
+
+
+@pytest.mark.parametrize('h,w', [(8, 8), (9, 8), (8, 9), (7, 7)])
+def test_conv2d_same_matches_explicit_padding(h, w):
+    x = torch.randn(2, 4, h, w)
+    weight = torch.randn(6, 2, 3, 3)
+    (t, b), (l, r) = same_pads(h, 3, 2), same_pads(w, 3, 2)
+    ref = F.conv2d(F.pad(x, (l, r, t, b)), weight, None, 2, 0, 1, 2)
+    assert torch.allclose(conv2d_same(x, weight, None, 2, 2), ref, atol=1e-5)
+
+
+def test_gelu_is_the_tanh_form_and_inplace_only_without_autograd():
+    x = torch.randn(1000, dtype=torch.float64)
+    act = Activation('gelu', scale=GAMMAS['gelu'], inplace=True)
+    tanh_form = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3))) * GAMMAS['gelu']
+    assert torch.allclose(act(x.clone()), tanh_form, atol=1e-12)
+    xr = x.clone().requires_grad_()
+    y = act(xr)
+    assert torch.equal(xr.detach(), x)  # autograd needs the input: not overwritten
+    y.sum().backward()
+    buf = x.clone()
+    with torch.no_grad():
+        out = act(buf)
+    assert out.data_ptr() == buf.data_ptr()  # inference: overwritten in place, no new buffer
