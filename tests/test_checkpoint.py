@@ -220,3 +220,23 @@ def test_native_safetensors_and_weights_only_pth_round_trip(tmp_path):
     with pytest.raises(CheckpointError, match='weights-only'):
         load_checkpoint_file(tmp_path / 'evil.pth')
     assert not (tmp_path / 'x').exists()
+
+
+def test_converted_files_are_byte_reproducible(tmp_path):
+    """The same weights give the same bytes (safetensors' metadata order would otherwise vary)."""
+    import hashlib
+    import json as _json
+    import subprocess
+    import sys
+    name = 'tiny_nfnet'
+    args = [str(FIXTURES / name / 'params.pkl'), '--model', 'nfnet_f0', '--model-kwargs',
+            _json.dumps(fixture_model_kwargs(name))]
+    digests = set()
+    for run in range(2):  # separate processes: the hash-map order differs between them
+        out = tmp_path / f'run{run}'
+        res = subprocess.run([sys.executable, '-m', 'timm_nfnet_ext.convert', args[0], '-o', str(out)] + args[1:],
+                             capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, PYTHONHASHSEED=str(run)))
+        assert res.returncode == 0, res.stderr
+        digests.add(hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest())
+    assert len(digests) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -53,6 +54,26 @@ def list_nfnets() -> list:
     return sorted(MODEL_CFGS)
 
 
+def canonicalize_safetensors(path: PathLike) -> None:
+    """Rewrite a safetensors header in a fixed order (metadata keys sorted, then tensors by name).
+
+    safetensors keeps ``__metadata__`` in a hash map whose order changes from one process to the
+    next, so the same weights would give different bytes (and a new Hub commit) on every run.
+    Offsets are untouched; the header keeps its length, padded with spaces as safetensors does.
+    """
+    with open(path, 'r+b') as f:
+        (n,) = struct.unpack('<Q', f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.pop('__metadata__', None)
+        ordered = {'__metadata__': dict(sorted(meta.items()))} if meta is not None else {}
+        ordered.update(sorted(header.items()))
+        text = json.dumps(ordered, separators=(',', ':'), ensure_ascii=False).encode()
+        if len(text) > n:
+            raise CheckpointError(f'{path}: cannot rewrite the safetensors header in place')
+        f.seek(8)
+        f.write(text + b' ' * (n - len(text)))
+
+
 def save_model_folder(
         model: nn.Module,
         out_dir: PathLike,
@@ -61,7 +82,7 @@ def save_model_folder(
     """Write ``model.safetensors`` (native layout) and timm's ``config.json`` into ``out_dir``.
 
     Both are written to temporary names in ``out_dir`` and renamed into place, so a failure
-    never leaves a half-written file under the final names.
+    never leaves a half-written file under the final names. The same weights give the same bytes.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +95,7 @@ def save_model_folder(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix='.tmp-') as tmp:
         tmp = Path(tmp)
         save_file(tensors, str(tmp / 'model.safetensors'), metadata=meta)
+        canonicalize_safetensors(tmp / 'model.safetensors')  # same weights -> same bytes
         save_config_for_hf(model, str(tmp / 'config.json'))
         umask = os.umask(0)
         os.umask(umask)

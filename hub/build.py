@@ -1,0 +1,127 @@
+"""One release, source to folder: fetch, convert, validate, write ``model.safetensors``, ``config.json``, ``README.md``.
+
+The three files are written and checked in a temporary folder inside the output folder and
+moved into place only after every check passed, including a reload of the written folder
+through timm (``local-dir:``, the same code path as ``hf-hub:``) that must give bit-identical
+outputs. A failure leaves no file behind (and removes the output folder if this created it).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+
+from timm_nfnet_ext import __version__ as EXT_VERSION
+from timm_nfnet_ext.convert import save_model_folder
+
+from .card import render_card
+from .manifest import Release
+from .sources import resolve_source, sha256_file
+from .validate import BuiltModel, ValidationError, build_and_validate, fixed_input
+
+__all__ = ['FILES', 'BuildResult', 'build_release', 'converter_name']
+
+PathLike = Union[str, os.PathLike]
+FILES = ('model.safetensors', 'config.json', 'README.md')
+
+
+def converter_name() -> str:
+    """The converter named in metadata and model cards."""
+    return f'timm-nfnet-ext {EXT_VERSION}'
+
+
+@dataclass
+class BuildResult:
+    """A validated release folder, ready to publish."""
+    folder: Path
+    repo_id: str
+    built: BuiltModel
+    source_sha256: str
+
+    @property
+    def files(self) -> List[Path]:
+        return [self.folder / name for name in FILES]
+
+
+def source_label(src: Optional[str], release: Release) -> str:
+    """How the source is named in metadata and the card: the URL or ``hf-hub:`` id, or a local file's name."""
+    if src is None:
+        return release.source_url or ''
+    if src.startswith(('hf-hub:', 'http://', 'https://')):
+        return src
+    return Path(src).name  # not the local path: it would be published
+
+
+def _metadata(built: BuiltModel, label: str, source_sha256: str) -> dict:
+    rel = built.release
+    return {
+        'release': rel.key,
+        'source': label,
+        'original_url': rel.source_url or '',
+        'source_sha256': source_sha256,
+        'source_layout': built.source_layout,
+        'conversion': f'{converter_name()} timm-nfnet-hub: {built.source_layout} layout -> native, validated',
+    }
+
+
+def _check_round_trip(folder: Path, built: BuiltModel) -> None:
+    """The written folder, loaded the way users load it, must compute exactly what the checked model computes."""
+    import timm
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = fixed_input(built.model)
+    with torch.no_grad():
+        if not torch.equal(reloaded(x), built.model(x)):
+            raise ValidationError(f'the written files in {folder} do not reload to the same model')
+
+
+def _write_staged(built: BuiltModel, stage: Path, repo_id: str, label: str, source_sha256: str) -> None:
+    save_model_folder(built.model, stage, _metadata(built, label, source_sha256))
+    proofs = built.proofs + ['the written files reload through timm (`local-dir:`, as `hf-hub:` does) '
+                             'to identical outputs']
+    card = render_card(built.release, repo_id, f'`{label}` ({built.source_layout} layout)', source_sha256,
+                       converter_name(), proofs)
+    (stage / 'README.md').write_text(card, encoding='utf-8')
+    _check_round_trip(stage, built)
+
+
+def write_release_folder(built: BuiltModel, out_dir: PathLike, repo_id: str, label: str, source_sha256: str) -> Path:
+    """Write the three files into ``out_dir``, all or nothing."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix='.tmp-release-') as tmp:
+            stage = Path(tmp)
+            _write_staged(built, stage, repo_id, label, source_sha256)
+            for name in FILES:
+                os.replace(stage / name, out_dir / name)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def build_release(
+        release: Release,
+        out_dir: PathLike,
+        repo_id: str,
+        src: Optional[str] = None,
+        reference: Optional[PathLike] = None,
+        cross_check: Optional[str] = None,
+        cache_dir: Optional[PathLike] = None,
+        expected_size: Optional[int] = None,
+) -> BuildResult:
+    """Fetch and check the source, build and validate the model, and write the release folder."""
+    src_path = resolve_source(src, release, cache_dir, expected_size)
+    other = resolve_source(cross_check, release, cache_dir) if cross_check else None
+    built = build_and_validate(release, src_path, reference=reference,
+                               cross_check=other, cross_check_label=cross_check)
+    digest = sha256_file(src_path)
+    folder = write_release_folder(built, out_dir, repo_id, source_label(src, release), digest)
+    return BuildResult(folder, repo_id, built, digest)
