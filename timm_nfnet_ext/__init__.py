@@ -1,8 +1,10 @@
 """timm-nfnet-ext: DeepMind's Normalizer-Free Networks for timm.
 
 Importing this package registers the models (``nfnet_f0`` ... ``nfnet_f7``, the wide
-``nfnet_f*_plus`` variants and the NF-SE-ResNeXt-D family) in timm's model registry.
+``nfnet_f*_plus`` variants and the NF-SE-ResNeXt-D family) in timm's model registry, and the
+AGC optimizers (``sgdagc``, ``adamwagc``, ``lambagc``, ...) in timm's optimizer registry.
 """
+from . import agc
 from .checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
