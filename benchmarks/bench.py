@@ -157,9 +157,14 @@ def _row(label, batch, size, theirs, ours, x, args, macs, peak) -> Dict:
 def train_step_fn(impl: str, model_name: str, device: str, amp: Optional[str], batch: int, size: int):
     """One training step of either implementation, ready to call repeatedly."""
     from timm.utils.agc import adaptive_clip_grad
-    theirs, ours = build_pair(model_name, device)
-    model = (theirs if impl == 'timm' else ours).train()
-    del theirs, ours
+    # only this side's model lives in the process, so its peak memory is its own
+    torch.manual_seed(0)
+    model = timm.create_model(('dm_' if impl == 'timm' else '') + model_name)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 0:
+                p.fill_(0.3)
+    model = model.to(device).train()
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()

@@ -1,0 +1,463 @@
+"""``timm-nfnet-train``: train NFNets the timm way, with AGC, DDP and crash-safe resume.
+
+    timm-nfnet-train --quickstart                      # tiny NFNet + AGC on the built-in digits
+    timm-nfnet-train --data-dir DIR --model nfnet_f0 --recipe paper -b 128 --output runs/f0
+    torchrun --nproc_per_node 8 -m timm_nfnet_ext.train --data-dir DIR --recipe paper --output runs/f0
+    timm-nfnet-train ... --output runs/f0 --resume auto
+
+Everything is built from timm's factories (see ``train_setup``); this module is the loop:
+train steps with gradient accumulation, AGC statistics, EMA, validation, checkpoints
+(``train_checkpoint``), summary.csv and plot (``train_report``), and the export at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import train_checkpoint as ckpt_io
+from .train_data import EpochSampler, build_loader
+from .train_recipe import TrainError, resolve_settings
+from .train_report import format_settings, settings_yaml, write_plot, write_summary
+from .train_setup import DistInfo, Run, init_distributed, prepare
+
+__all__ = ['main', 'train', 'evaluate', 'clipped_units', 'weights_fingerprint']
+
+
+# --- measurements ----------------------------------------------------------------------------
+@torch.no_grad()
+def clipped_units(optimizer: torch.optim.Optimizer) -> Tuple[torch.Tensor, int]:
+    """(number of AGC units whose gradient would be clipped now, number of units looked at)."""
+    from .agc import unitwise_norm
+    clipped, total = None, 0
+    for group in optimizer.param_groups:
+        clipping = group.get('clipping')
+        if clipping is None:
+            continue
+        for p in group['params']:
+            if p.grad is None:
+                continue
+            limit = unitwise_norm(p).clamp_min(group.get('agc_eps', 1e-3)) * clipping
+            hit = (unitwise_norm(p.grad) > limit).sum()
+            clipped = hit if clipped is None else clipped + hit
+            total += 1 if p.ndim <= 1 else p.shape[0]
+    return (clipped if clipped is not None else torch.zeros(())), total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, run: Run) -> Dict[str, float]:
+    """Validation loss, top-1 and top-5 (%) over the whole split, summed across processes."""
+    from timm.utils import accuracy
+    device = run.dist.device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    k5 = min(5, run.num_classes)
+    for images, targets in loader:
+        images, targets = _to_device(images, targets, run)
+        with run.autocast():
+            logits = model(images)
+        n = targets.shape[0]
+        top1, top5 = accuracy(logits.float(), targets, topk=(1, k5))
+        sums += torch.stack([F.cross_entropy(logits.float(), targets, reduction='sum').double(),
+                             top1.double() * n / 100, top5.double() * n / 100,
+                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+    if run.dist.distributed:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, c1, c5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {'loss': loss / n, 'top1': 100 * c1 / n, 'top5': 100 * c5 / n}
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of every tensor of ``module.state_dict()`` (in order): equal iff bit-identical."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _to_device(images: torch.Tensor, targets: torch.Tensor, run: Run) -> Tuple[torch.Tensor, torch.Tensor]:
+    device = run.dist.device
+    images = images.to(device, non_blocking=True)
+    if run.args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=True)
+
+
+class _Log:
+    """Prints on the primary process only; through the progress bar when one is shown."""
+
+    def __init__(self, primary: bool):
+        self.primary, self.bar = primary, None
+
+    def __call__(self, msg: str) -> None:
+        if not self.primary:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+
+def _progress_bar(run: Run, epoch: int, start: int) -> Any:
+    from tqdm.auto import tqdm
+    show = run.args.progress if run.args.progress is not None else sys.stderr.isatty()
+    return tqdm(total=run.steps_per_epoch, initial=start, desc=f'epoch {epoch}/{run.num_epochs - 1}',
+                unit='step', disable=not (show and run.dist.primary), dynamic_ncols=True, leave=True)
+
+
+def _gather(obj: Any, info: DistInfo) -> List[Any]:
+    """``obj`` of every rank, in rank order (a 1-element list without distribution)."""
+    if not info.distributed:
+        return [obj]
+    out: List[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+def _checkpoint(run: Run, state: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint dict of tensors and plain values (every rank's RNG and meters included)."""
+    ranks = _gather({'rng': ckpt_io.capture_rng(), 'meters': dict(state['meters'])}, run.dist)
+    return {
+        'format': ckpt_io.FORMAT, 'version': ckpt_io.VERSION,
+        'model': run.module.state_dict(), 'ema': run.ema.module.state_dict() if run.ema is not None else None,
+        'optimizer': run.optimizer.state_dict(),
+        'scheduler': run.scheduler.state_dict() if run.scheduler is not None else None,
+        'schedule': run.schedule, 'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        'epoch': state['epoch'], 'step': state['step'], 'global_step': state['global_step'],
+        'rng': [r['rng'] for r in ranks], 'meters': [r['meters'] for r in ranks],
+        'history': list(state['history']), 'best': dict(state['best']),
+        'identity': run.identity, 'args': {k: _plainify(v) for k, v in vars(run.args).items()},
+    }
+
+
+def _plainify(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_plainify(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plainify(x) for k, x in v.items()}
+    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+
+def _save(run: Run, state: Dict[str, Any], epoch_end: bool) -> Optional[Path]:
+    """Write last.pth.tar (and at epoch ends checkpoint-N / model_best); primary only writes."""
+    data = _checkpoint(run, state)  # collective: every rank takes part
+    if not run.dist.primary:
+        return None
+    d = run.run_dir
+    if not epoch_end:
+        return ckpt_io.save_atomic(data, d / 'last.pth.tar')
+    path = ckpt_io.save_atomic(data, d / f'checkpoint-{state["epoch"] - 1}.pth.tar')
+    ckpt_io.copy_atomic(path, d / 'last.pth.tar')
+    if state['best'].get('epoch') == state['epoch'] - 1:
+        ckpt_io.copy_atomic(path, d / 'model_best.pth.tar')
+    ckpt_io.prune(d, run.args.checkpoint_hist)
+    return path
+
+
+def _restore(run: Run) -> Dict[str, Any]:
+    """The loop position: fresh, or from the checkpoint being resumed (RNG states included)."""
+    state = {'epoch': 0, 'step': 0, 'global_step': 0, 'history': [], 'best': {}, 'meters': _fresh_meters()}
+    data = run.resume
+    if data is None:
+        return state
+    state.update(epoch=data['epoch'], step=data['step'], global_step=data['global_step'],
+                 history=list(data['history']), best=dict(data.get('best') or {}))
+    same_world = len(data['rng']) == run.dist.world_size
+    if same_world:
+        ckpt_io.restore_rng(data['rng'][run.dist.rank])
+        if data['step']:
+            state['meters'] = dict(data['meters'][run.dist.rank])
+    elif run.dist.primary:
+        print(f'note: checkpoint from {len(data["rng"])} processes resumed on {run.dist.world_size}: '
+              'random states are re-seeded, the run will not repeat the original bit for bit')
+    return state
+
+
+def _fresh_meters() -> Dict[str, float]:
+    return {'loss_sum': 0.0, 'steps': 0, 'clipped': 0.0, 'units': 0.0, 'images': 0}
+
+
+# --- the loop --------------------------------------------------------------------------------
+def _micro_step(run: Run, images: torch.Tensor, targets: torch.Tensor, last: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch (no DDP all-reduce unless it ends the step)."""
+    images, targets = _to_device(images, targets, run)
+    if run.mixup is not None:  # also after --mixup-off-epoch: it still makes the soft targets
+        images, targets = run.mixup(images, targets)
+    sync = run.model.no_sync() if run.dist.distributed and not last else _null()
+    with sync:
+        with run.autocast():
+            loss = run.train_loss(run.model(images), targets) / run.args.grad_accum_steps
+        run.scaler.scale(loss).backward()
+    return loss.detach()
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _optimizer_step(run: Run, state: Dict[str, Any], measure: bool) -> None:
+    """AGC statistics (when due), the optimizer step, scheduler and EMA updates."""
+    meters = state['meters']
+    if measure:
+        run.scaler.unscale_(run.optimizer)
+        clipped, units = clipped_units(run.optimizer)
+        meters['clipped'] += float(clipped)
+        meters['units'] += units
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    state['global_step'] += 1
+    if run.scheduler is not None:
+        run.scheduler.step_update(state['global_step'])
+    if run.ema is not None:
+        run.ema.update(run.module, step=state['global_step'])
+
+
+def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, float]:
+    """Train from ``state['step']`` to the end of ``state['epoch']``."""
+    args, epoch, accum = run.args, state['epoch'], run.args.grad_accum_steps
+    run.train_sampler.set_epoch(epoch, state['step'] * accum)
+    if run.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        run.mixup.mixup_enabled = False
+    run.model.train()
+    meters, bar = state['meters'], _progress_bar(run, epoch, state['step'])
+    log.bar = bar
+    batches, t0, seen = iter(run.train_loader), time.time(), 0
+    for step in range(state['step'], run.steps_per_epoch):
+        loss = torch.zeros((), device=run.dist.device)
+        for micro in range(accum):
+            images, targets = next(batches)
+            loss += _micro_step(run, images, targets, micro == accum - 1)
+            seen += images.shape[0]
+        interval = args.agc_stats_interval
+        _optimizer_step(run, state, measure=bool(interval) and step % interval == 0)
+        meters['loss_sum'] += float(loss)
+        meters['steps'] += 1
+        state['step'] = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{_lr(run):.3g}', refresh=False)
+        if args.log_interval and (step + 1) % args.log_interval == 0:
+            rate = seen * run.dist.world_size / max(time.time() - t0, 1e-9)
+            log(f'train: epoch {epoch} [{step + 1:>4}/{run.steps_per_epoch}] loss {float(loss):.4f} '
+                f'lr {_lr(run):.4g} {_clip_text(meters)}{rate:.0f} img/s')
+        if args.recovery_interval and (step + 1) % args.recovery_interval == 0 and step + 1 < run.steps_per_epoch:
+            _save(run, state, epoch_end=False)
+    bar.close()
+    log.bar = None
+    return _epoch_train_metrics(run, meters)
+
+
+def _lr(run: Run) -> float:
+    lrs = [g['lr'] for g in run.optimizer.param_groups]
+    return sum(lrs) / len(lrs)
+
+
+def _clip_text(meters: Dict[str, float]) -> str:
+    return f'clipped {100 * meters["clipped"] / meters["units"]:.1f}% ' if meters['units'] else ''
+
+
+def _epoch_train_metrics(run: Run, meters: Dict[str, float]) -> Dict[str, float]:
+    values = torch.tensor([meters['loss_sum'], meters['steps'], meters['clipped'], meters['units']],
+                          dtype=torch.float64, device=run.dist.device)
+    if run.dist.distributed:
+        dist.all_reduce(values)
+    loss_sum, steps, clipped, units = values.tolist()
+    return {'train_loss': loss_sum / max(steps, 1), 'clip_fraction': clipped / units if units else None}
+
+
+def _validate(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, Any]:
+    """Metrics of the epoch's summary row (the EMA's when there is one, like timm)."""
+    if run.val_loader is None:
+        return {}
+    metrics = evaluate(run.module, run.val_loader, run)
+    row = {'eval_loss': metrics['loss'], 'eval_top1': metrics['top1'], 'eval_top5': metrics['top5']}
+    if run.ema is not None:
+        ema = evaluate(run.ema.module, run.val_loader, run)
+        row = {'eval_loss': ema['loss'], 'eval_top1': ema['top1'], 'eval_top5': ema['top5'],
+               'model_eval_loss': metrics['loss'], 'model_eval_top1': metrics['top1'],
+               'model_eval_top5': metrics['top5']}
+    return row
+
+
+def _update_best(run: Run, state: Dict[str, Any], row: Dict[str, Any]) -> None:
+    metric = run.args.eval_metric
+    key = {'top1': 'eval_top1', 'top5': 'eval_top5', 'loss': 'eval_loss'}[metric]
+    if key not in row:
+        key, metric = 'train_loss', 'loss'
+    value, best = row[key], state['best'].get('value')
+    better = best is None or (value < best if metric == 'loss' else value > best)
+    if better:
+        state['best'] = {'value': value, 'epoch': row['epoch'], 'metric': key}
+
+
+def _write_reports(run: Run, history: List[Dict[str, Any]]) -> None:
+    if not run.dist.primary:
+        return
+    write_summary(history, run.run_dir / 'summary.csv')
+    write_plot(history, run.run_dir / 'summary.png')
+
+
+def train(run: Run) -> Dict[str, Any]:
+    """The training loop; returns the final state (history, best, position)."""
+    log = _Log(run.dist.primary)
+    state = _restore(run)
+    if run.resume is not None:
+        log(f'resuming {run.resume_path} at epoch {state["epoch"]} step {state["step"]} '
+            f'(global step {state["global_step"]})')
+    if run.scheduler is not None:
+        run.scheduler.step(state['epoch'])
+        if run.args.sched_on_updates:
+            run.scheduler.step_update(state['global_step'])
+    while state['epoch'] < run.num_epochs:
+        t0 = time.time()
+        row = {'epoch': state['epoch']}
+        row.update(train_one_epoch(run, state, log))
+        row.update(_validate(run, state, log))
+        row['lr'] = _lr(run)
+        state['history'].append(row)
+        _update_best(run, state, row)
+        state.update(epoch=state['epoch'] + 1, step=0, meters=_fresh_meters())
+        if run.scheduler is not None:
+            run.scheduler.step(state['epoch'])
+        _save(run, state, epoch_end=True)
+        _write_reports(run, state['history'])
+        log(_epoch_line(row, time.time() - t0))
+    return state
+
+
+def _epoch_line(row: Dict[str, Any], seconds: float) -> str:
+    parts = [f'epoch {row["epoch"]}: train_loss {row["train_loss"]:.4f}']
+    if 'eval_top1' in row:
+        parts.append(f'eval_loss {row["eval_loss"]:.4f} top-1 {row["eval_top1"]:.2f}% top-5 {row["eval_top5"]:.2f}%')
+    if row.get('clip_fraction') is not None:
+        parts.append(f'clipped {100 * row["clip_fraction"]:.2f}% of units')
+    parts.append(f'lr {row["lr"]:.4g} ({seconds:.1f} s)')
+    return ', '.join(parts)
+
+
+# --- export ----------------------------------------------------------------------------------
+def export_and_reload(run: Run, state: Dict[str, Any]) -> Dict[str, Any]:
+    """Write the best weights as model.safetensors + config.json, reload them through timm's
+    pretrained path, and measure the reloaded model on the validation split."""
+    import timm
+    from .convert import save_model_folder
+    best = run.run_dir / 'model_best.pth.tar'
+    data = ckpt_io.load_checkpoint(best if best.is_file() else run.run_dir / 'last.pth.tar')
+    weights = data['ema'] if data.get('ema') is not None else data['model']
+    model = timm.create_model(run.args.model, **run.arch_kwargs)
+    model.load_state_dict(weights, strict=True)
+    size = list(run.data_config['input_size'])
+    model.pretrained_cfg = dict(
+        model.pretrained_cfg, input_size=tuple(size), test_input_size=tuple(size),
+        pool_size=tuple(math.ceil(s / 32) for s in size[1:]), crop_pct=run.data_config['crop_pct'],
+        mean=run.data_config['mean'], std=run.data_config['std'], num_classes=run.num_classes,
+        interpolation=run.data_config['interpolation'], hf_hub_id=None, tag=None, origin_url=None)
+    out = Path(run.args.export) if run.args.export else run.run_dir / 'export'
+    save_model_folder(model, out, metadata={'trained_with': 'timm-nfnet-train'})
+    # timm's own pretrained path: the architecture and its arguments come from config.json
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    result: Dict[str, Any] = {'export_dir': str(out)}
+    if run.val_loader is not None:
+        single = _single_process(run)
+        loader = build_loader(run.val_loader.dataset.dataset, EpochSampler(
+            len(run.val_loader.dataset), run.val_loader.batch_size, shuffle=False), run.args, run.dist.device)
+        result.update(evaluate(reloaded.to(run.dist.device), loader, single))
+    return result
+
+
+def _single_process(run: Run) -> Run:
+    """``run`` seen as a single process (for evaluating on one rank)."""
+    import dataclasses
+    return dataclasses.replace(run, dist=DistInfo(0, 1, run.dist.device))
+
+
+# --- command ---------------------------------------------------------------------------------
+def _announce(run: Run, sources: Dict[str, str], notes: Sequence[str]) -> None:
+    settings = {k: v for k, v in vars(run.args).items()}
+    text = format_settings(settings, sources, run.derived)
+    ckpt_io.write_text_atomic(settings_yaml(settings, sources, run.derived), run.run_dir / 'args.yaml')
+    print(f'timm-nfnet-train: {run.args.model} on {run.derived["dataset"]}, run folder {run.run_dir}')
+    print(text)
+    for note in notes:
+        print(f'note: {note}')
+    print(f'resolved settings saved to {run.run_dir / "args.yaml"}', flush=True)
+
+
+def _finish(run: Run, state: Dict[str, Any]) -> None:
+    if run.dist.distributed:
+        prints = _gather(weights_fingerprint(run.module), run.dist)
+        if run.dist.primary:
+            same = len(set(prints)) == 1
+            for rank, fp in enumerate(prints):
+                print(f'rank {rank} weights sha256 {fp}')
+            print(f'DDP check: weights {"identical" if same else "DIFFERENT"} on all {len(prints)} ranks')
+    if not run.dist.primary:
+        return
+    best = state['best']
+    where = run.run_dir / ('model_best.pth.tar' if (run.run_dir / 'model_best.pth.tar').is_file() else 'last.pth.tar')
+    if best.get('metric') == 'eval_top1':
+        print(f'best top-1 {best["value"]:.2f}% at epoch {best["epoch"]}; checkpoint {where}')
+    else:
+        print(f'best {best.get("metric")} {best.get("value", float("nan")):.4f} at epoch {best.get("epoch")}; '
+              f'checkpoint {where}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``timm-nfnet-train`` / ``python -m timm_nfnet_ext.train``."""
+    run = None
+    try:
+        args, sources, notes = resolve_settings(argv)
+        info = init_distributed(args.device)
+        run = prepare(args, info)
+        if info.primary:
+            _announce(run, sources, notes + run.notes)
+            ckpt_io.remove_stale_temps(run.run_dir)
+    except TrainError as e:
+        print(f'timm-nfnet-train: error: {e}', file=sys.stderr)
+        _shutdown(barrier=False)
+        return 2
+    try:
+        state = train(run)
+    except FloatingPointError as e:
+        print(f'timm-nfnet-train: error: training diverged: {e}', file=sys.stderr)
+        _shutdown(barrier=False)
+        return 1
+    _finish(run, state)
+    if run.args.export is not None and run.dist.primary:
+        result = export_and_reload(run, state)
+        if 'top1' in result:
+            print(f'exported {result["export_dir"]}/model.safetensors + config.json; reloaded through timm: '
+                  f'validation top-1 {result["top1"]:.2f}%, top-5 {result["top5"]:.2f}%')
+        else:
+            print(f'exported {result["export_dir"]}/model.safetensors + config.json')
+    _shutdown()
+    return 0
+
+
+def _shutdown(barrier: bool = True) -> None:
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

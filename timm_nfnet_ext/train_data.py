@@ -1,0 +1,278 @@
+"""Data for ``timm-nfnet-train``: datasets, transforms and resumable, distributed loaders.
+
+Datasets and transforms are timm's (``create_dataset``, ``resolve_data_config``,
+``create_transform``). The sampler is this module's own, because a resumable run needs what
+timm's loaders do not give: the order of an epoch is a function of (seed, epoch) only, a run
+can start in the middle of an epoch, and with N processes each global batch is the same set
+of images as in a 1-process run with N times the batch. Each image's augmentation is drawn
+from its own seed (seed, epoch, index), so it does not depend on workers, ranks or resumes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .train_recipe import TrainError
+
+__all__ = ['DigitsDataset', 'SeededDataset', 'EpochSampler', 'build_datasets', 'build_loader',
+           'sample_seed', 'num_classes_of']
+
+DIGITS = 'digits'
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1,797 handwritten digits (8x8, shipped in the wheel), upscaled RGB images.
+
+    A fixed stratified split: ``val_fraction`` of each class is the 'validation' split.
+    Items are ``(PIL.Image, label)`` before ``transform``.
+    """
+
+    def __init__(self, split: str = 'train', image_size: int = 32, val_fraction: float = 0.2,
+                 transform: Any = None):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise TrainError('the built-in digits dataset needs scikit-learn: pip install '
+                             '"timm-nfnet-ext[train]"') from e
+        if split not in ('train', 'validation', 'val'):
+            raise TrainError(f"the digits dataset has splits 'train' and 'validation', not {split!r}")
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        labels = digits.target.astype(np.int64)
+        rng = np.random.default_rng(0)
+        val = np.zeros(len(labels), dtype=bool)
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            val[idx[:int(round(len(idx) * val_fraction))]] = True
+        keep = val if split != 'train' else ~val
+        self.images = [_upscale(img, image_size) for img in images[keep]]
+        self.targets = labels[keep]
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img = self.images[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.targets[index])
+
+
+def _upscale(image: np.ndarray, size: int) -> Any:
+    """An 8x8 grey digit as a ``size`` x ``size`` RGB PIL image (bicubic)."""
+    from PIL import Image
+    return Image.fromarray(image).resize((size, size), Image.BICUBIC).convert('RGB')
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one image in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's order."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def _isolated_rng(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch RNGs for a block, then put their previous states back."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededDataset(Dataset):
+    """Wraps a map-style dataset; ``ds[(index, seed)]`` draws the item's augmentation from ``seed``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        index, seed = key
+        with _isolated_rng(seed):
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, seed)`` for one rank: a resumable, distributed epoch order.
+
+    Training: the epoch permutation comes from ``(seed, epoch)``; it is cut into global
+    micro-batches of ``batch_size * world_size`` (the incomplete tail is dropped, then the
+    micro-batches that do not fill an optimizer step); rank ``r`` takes the r-th slice of each.
+    ``set_epoch(epoch, start)`` starts at global micro-batch ``start``.
+    Evaluation (``shuffle=False``): every ``world_size``-th index from ``rank``, nothing dropped.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, accum_steps: int = 1):
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+        self.seed, self.shuffle, self.accum_steps = seed, shuffle, accum_steps
+        self.epoch, self.start = 0, 0
+
+    @property
+    def micro_batches(self) -> int:
+        """Global micro-batches per epoch (training)."""
+        n = self.size // (self.batch_size * self.world_size)
+        return n - n % self.accum_steps
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> List[int]:
+        if not self.shuffle:
+            return list(range(self.rank, self.size, self.world_size))
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.size, generator=g).tolist()
+        b, w = self.batch_size, self.world_size
+        out = []
+        for m in range(self.start, self.micro_batches):
+            chunk = perm[m * b * w:(m + 1) * b * w]
+            out += chunk[self.rank * b:(self.rank + 1) * b]
+        return out
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for i in self._indices():
+            yield i, sample_seed(self.seed, self.epoch, i)
+
+    def __len__(self) -> int:
+        if not self.shuffle:
+            return len(range(self.rank, self.size, self.world_size))
+        return (self.micro_batches - self.start) * self.batch_size
+
+
+@dataclass
+class DataBundle:
+    """The datasets and the resolved preprocessing."""
+    train: Dataset
+    val: Optional[Dataset]
+    data_config: Dict[str, Any]
+    name: str
+
+
+def _dataset_name(args: Any) -> str:
+    if args.dataset:
+        return args.dataset
+    return '' if args.data_dir else DIGITS
+
+
+def _check_folder(args: Any, name: str) -> None:
+    if name == DIGITS or name.startswith(('hfds/', 'hfids/')) or args.dataset_download:
+        return
+    if not args.data_dir:
+        raise TrainError(f'--dataset {name!r} needs --data-dir (its root folder)')
+    if not os.path.isdir(args.data_dir):
+        raise TrainError(f'data folder {args.data_dir!r} does not exist (or is not a folder)')
+    if not any(os.scandir(args.data_dir)):
+        raise TrainError(f'data folder {args.data_dir!r} is empty')
+    if name == '':
+        for split, flag in ((args.train_split, '--train-split'), (args.val_split, '--val-split')):
+            if split and _split_folder(args.data_dir, split) is None:
+                hint = " (--val-split '' trains without validation)" if flag == '--val-split' else ''
+                raise TrainError(f'data folder {args.data_dir!r} has no {split!r} split folder '
+                                 f'(looked for {", ".join(_synonyms(split))}); set {flag}{hint}')
+
+
+_SPLIT_SYNONYMS = (('train', 'training'), ('validation', 'val', 'valid', 'eval', 'evaluation'))
+
+
+def _synonyms(split: str) -> Tuple[str, ...]:
+    for group in _SPLIT_SYNONYMS:
+        if split in group:
+            return group
+    return (split,)
+
+
+def _split_folder(root: str, split: str) -> Optional[str]:
+    """The sub-folder of ``root`` that holds ``split`` (timm's synonyms: val/validation...)."""
+    for name in _synonyms(split):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+def _make(args: Any, name: str, split: str, is_training: bool, image_size: int) -> Dataset:
+    if name == DIGITS:
+        return DigitsDataset(split, image_size=image_size)
+    from timm.data import create_dataset
+    try:
+        ds = create_dataset(name, root=args.data_dir, split=split, is_training=is_training,
+                            class_map=args.class_map, download=args.dataset_download,
+                            batch_size=args.batch_size, seed=args.seed)
+    except (RuntimeError, FileNotFoundError, AssertionError, ValueError) as e:
+        raise TrainError(f'cannot open the {split!r} split of {name or "ImageFolder"} at '
+                         f'{args.data_dir!r}: {e}') from e
+    if not hasattr(ds, '__getitem__') or isinstance(ds, torch.utils.data.IterableDataset):
+        raise TrainError(f'--dataset {name!r} is an iterable dataset; this command needs a map-style '
+                         'one (ImageFolder, torch/, hfds/) to resume mid-epoch')
+    if len(ds) == 0:
+        raise TrainError(f'the {split!r} split of {args.data_dir!r} holds no images')
+    return ds
+
+
+def num_classes_of(dataset: Dataset) -> Optional[int]:
+    """Number of classes a dataset declares (ImageFolder, torch/ and the digits), else None."""
+    for obj in (dataset, getattr(dataset, 'reader', None)):
+        for attr in ('class_to_idx', 'classes'):
+            value = getattr(obj, attr, None)
+            if value:
+                return len(value)
+    return None
+
+
+def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
+    """The train / validation datasets with timm's transforms for a model's ``pretrained_cfg``."""
+    from timm.data import create_transform, resolve_data_config
+    name = _dataset_name(args)
+    _check_folder(args, name)
+    cfg = resolve_data_config(
+        {k: getattr(args, k) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
+         if getattr(args, k, None) not in (None, '')}, pretrained_cfg=pretrained_cfg)
+    size = cfg['input_size'][-1]
+    train = _make(args, name, args.train_split, True, size)
+    val = _make(args, name, args.val_split, False, size) if args.val_split else None
+    train.transform = create_transform(
+        cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
+        ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    if val is not None:
+        val.transform = create_transform(
+            cfg['input_size'], is_training=False, interpolation=cfg['interpolation'], mean=cfg['mean'],
+            std=cfg['std'], crop_pct=cfg['crop_pct'], crop_mode=cfg.get('crop_mode'))
+    return DataBundle(train, val, cfg, name or 'ImageFolder')
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def build_loader(dataset: Dataset, sampler: EpochSampler, args: Any, device: torch.device) -> DataLoader:
+    """A torch DataLoader over ``SeededDataset(dataset)`` driven by ``sampler``."""
+    workers = max(0, min(args.workers, _cpus()))  # more workers than CPUs only slows down
+    return DataLoader(
+        SeededDataset(dataset), batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=False,
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(args.seed))

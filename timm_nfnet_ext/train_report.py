@@ -1,0 +1,93 @@
+"""What ``timm-nfnet-train`` shows and writes: settings, summary.csv, the curves plot."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+from .train_checkpoint import write_text_atomic
+
+__all__ = ['format_settings', 'settings_yaml', 'write_summary', 'write_plot', 'SUMMARY_COLUMNS']
+
+SUMMARY_COLUMNS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'clip_fraction')
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return v
+
+
+def format_settings(settings: Mapping[str, Any], sources: Mapping[str, str], derived: Mapping[str, Any]) -> str:
+    """The settings block printed at start: every value not at its default, then derived ones."""
+    chosen = {k: v for k, v in sorted(settings.items()) if sources.get(k, 'default') != 'default'}
+    width = max([len(k) for k in list(chosen) + list(derived)] + [8])
+    lines = ['settings (value  [where it comes from]):']
+    lines += [f'  {k:<{width}}  {_plain(v)!r}  [{sources[k]}]' for k, v in chosen.items()]
+    lines += [f'  {k:<{width}}  {_plain(v)!r}  [derived]' for k, v in derived.items()]
+    n_default = sum(1 for k in settings if sources.get(k, 'default') == 'default')
+    lines.append(f'  ... and {n_default} more at their defaults (all of them in args.yaml)')
+    return '\n'.join(lines)
+
+
+def settings_yaml(settings: Mapping[str, Any], sources: Mapping[str, str], derived: Mapping[str, Any]) -> str:
+    """All resolved settings (and their sources) as YAML."""
+    import yaml
+    doc = {'settings': {k: _plain(v) for k, v in sorted(settings.items())},
+           'derived': {k: _plain(v) for k, v in derived.items()},
+           'sources': {k: v for k, v in sorted(sources.items()) if v != 'default'}}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_summary(history: Sequence[Mapping[str, Any]], path: os.PathLike) -> Path:
+    """timm-style summary.csv, one row per finished epoch, written atomically."""
+    columns: List[str] = list(SUMMARY_COLUMNS)
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval='', lineterminator='\n')
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
+    return write_text_atomic(buf.getvalue(), path)
+
+
+def write_plot(history: Sequence[Mapping[str, Any]], path: os.PathLike) -> bool:
+    """Loss and accuracy curves as a PNG (atomically); False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg', force=False)
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    path = Path(path)
+    epochs = [r['epoch'] for r in history]
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    _curves(ax_loss, epochs, history, {'train_loss': 'train', 'eval_loss': 'validation'}, 'loss')
+    _curves(ax_acc, epochs, history, {'eval_top1': 'top-1', 'eval_top5': 'top-5'}, 'validation accuracy (%)')
+    fig.tight_layout()
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        fig.savefig(tmp, format='png')
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def _curves(ax: Any, epochs: List[int], history: Sequence[Mapping[str, Any]], keys: Dict[str, str], ylabel: str) -> None:
+    for key, label in keys.items():
+        points = [(e, r[key]) for e, r in zip(epochs, history) if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker='o', label=label)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()

@@ -1,0 +1,409 @@
+"""Everything ``timm-nfnet-train`` builds before its first step, and every check of its input.
+
+``prepare`` validates names, numbers, folders, data and the checkpoint to resume, and builds
+the model, EMA, optimizer (AGC with the paper's groups), scheduler, scaler and loaders from
+timm's factories. It raises ``TrainError`` before anything is trained or a checkpoint written.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import random
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import train_checkpoint as ckpt_io
+from .train_data import EpochSampler, build_datasets, build_loader, num_classes_of
+from .train_recipe import TrainError
+
+__all__ = ['DistInfo', 'Run', 'init_distributed', 'prepare', 'PaperEma', 'resolve_optimizer', 'seed_all']
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a (possibly 1-process) run."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: Optional[str]) -> DistInfo:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); else 1 process."""
+    kind = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if kind.startswith('cuda') and not torch.cuda.is_available():
+        raise TrainError(f'--device {kind}: CUDA is not available here (use --device cpu)')
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1:
+        return DistInfo(0, 1, torch.device(kind))
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    if kind.startswith('cuda'):
+        torch.cuda.set_device(local)
+        dev = torch.device('cuda', local)
+    else:
+        dev = torch.device(kind)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return DistInfo(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class PaperEma:
+    """Mixin for timm's ``ModelEmaV3``: the reference warmup ``min(decay, (1 + t) / (10 + t))``."""
+
+    def get_decay(self, step: Optional[int] = None) -> float:
+        if step is None:
+            return self.decay
+        t = max(step - 1, 0)  # t counts updates from 0
+        return min(self.decay, (1.0 + t) / (10.0 + t))
+
+
+def _make_ema(model: nn.Module, args: Any) -> Optional[nn.Module]:
+    if not args.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+    if args.model_ema_warmup == 'paper':
+        cls = type('PaperModelEma', (PaperEma, ModelEmaV3), {})
+        return cls(model, decay=args.model_ema_decay)
+    return ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup == 'timm')
+
+
+# --- optimizer -------------------------------------------------------------------------------
+def resolve_optimizer(args: Any) -> Tuple[str, Optional[float], Dict[str, Any]]:
+    """(timm optimizer name, AGC clipping or None, extra keywords) for ``--opt``/``--agc``."""
+    from timm.optim import list_optimizers
+    from timm.optim._optim_factory import default_registry
+    from . import agc
+    name = args.opt.lower()
+    base = name.split('_')[-1]
+    if base not in set(list_optimizers()):
+        raise TrainError(f'unknown optimizer {args.opt!r}; try sgd, momentum, adamw, lamb, sgdagc, adamwagc, '
+                         'lambagc (timm.optim.list_optimizers() lists them all)')
+    cls = default_registry.get_optimizer_info(base).opt_class
+    is_agc = isinstance(cls, type) and issubclass(cls, agc.AGCMixin)
+    kwargs = dict(args.opt_kwargs)
+    if args.agc is None:
+        if is_agc:
+            kwargs.setdefault('agc_eps', args.agc_eps)
+        return name, kwargs.get('clipping', 0.01) if is_agc else None, kwargs
+    if not args.agc > 0:
+        raise TrainError(f'--agc must be a clipping ratio > 0 (the paper uses 0.01), got {args.agc}')
+    if 'clipping' in kwargs and kwargs['clipping'] != args.agc:
+        raise TrainError(f"--agc {args.agc} and --opt-kwargs clipping={kwargs['clipping']} disagree")
+    if not is_agc:
+        if name != base:
+            raise TrainError(f'--agc wraps a plain optimizer name, not {args.opt!r}')
+        name = 'sgdagc' if base in ('sgd', 'nesterov') else f'{base}agc'
+        if name not in set(list_optimizers()):
+            try:
+                agc.register_agc_optimizer(name, base)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TrainError(f'cannot add AGC to optimizer {base!r}: {e}') from e
+    kwargs.update(clipping=args.agc, agc_eps=args.agc_eps)
+    return name, args.agc, kwargs
+
+
+def build_optimizer(model: nn.Module, args: Any, name: str, clipping: Optional[float],
+                    kwargs: Dict[str, Any]) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2``; AGC optimizers get the paper's parameter groups."""
+    from timm.optim import create_optimizer_v2
+    from .agc import agc_param_groups
+    extra = dict(kwargs)
+    if args.opt_eps is not None:
+        extra['eps'] = args.opt_eps
+    if args.opt_betas is not None:
+        extra['betas'] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(
+            model, opt=name, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+            param_group_fn=agc_param_groups if clipping is not None else None, **extra)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f'cannot create optimizer {name!r} with {extra}: {e}') from e
+
+
+# --- output folder ---------------------------------------------------------------------------
+def resolve_run_dir(args: Any, info: DistInfo) -> Path:
+    """The folder of checkpoints and logs (created; must be writable); rank 0 names it."""
+    if args.output:
+        run_dir = Path(args.output)
+    elif args.resume and args.resume != 'auto':
+        run_dir = Path(args.resume).parent
+    elif args.resume == 'auto':
+        raise TrainError('--resume auto needs --output: the run folder to continue')
+    else:
+        stamp = [datetime.datetime.now().strftime('%Y%m%d-%H%M%S')]
+        if info.distributed:
+            dist.broadcast_object_list(stamp, src=0)
+        run_dir = Path('output') / 'train' / f'{stamp[0]}-{args.model}'
+    if args.experiment:
+        run_dir = run_dir / args.experiment
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix='.probe-'):
+            pass
+    except OSError as e:
+        raise TrainError(f'output folder {str(run_dir)!r} cannot be created or written: {e}') from None
+    return run_dir
+
+
+# --- the run ---------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the loop needs."""
+    args: Any
+    dist: DistInfo
+    run_dir: Path
+    model: nn.Module            # DDP-wrapped when distributed
+    module: nn.Module           # the model itself
+    ema: Optional[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    autocast: Callable[[], Any]
+    mixup: Any
+    train_loss: nn.Module
+    train_loader: Any
+    train_sampler: EpochSampler
+    val_loader: Any
+    steps_per_epoch: int
+    num_epochs: int
+    num_classes: int
+    identity: Dict[str, Any]
+    data_config: Dict[str, Any]
+    derived: Dict[str, Any]
+    arch_kwargs: Dict[str, Any]
+    schedule: Dict[str, Any] = field(default_factory=dict)
+    resume: Optional[Dict[str, Any]] = None
+    resume_path: Optional[Path] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def _check_numbers(args: Any, dist_info: DistInfo) -> None:
+    checks = [
+        (args.batch_size >= 1, f'--batch-size must be >= 1, got {args.batch_size}'),
+        (args.epochs >= 1, f'--epochs must be >= 1, got {args.epochs}'),
+        (args.grad_accum_steps >= 1, f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}'),
+        (not (args.mixup > 0 or args.cutmix > 0) or args.batch_size % 2 == 0,
+         f'--mixup/--cutmix need an even --batch-size, got {args.batch_size}'),
+        (args.recovery_interval >= 0, '--recovery-interval must be >= 0'),
+        (args.amp_dtype != 'float16' or not args.amp or dist_info.device.type == 'cuda',
+         '--amp with float16 needs CUDA; on CPU use --amp-dtype bfloat16'),
+        (not args.warmup_prefix or args.warmup_epochs < args.epochs,
+         f'--warmup-prefix with {args.warmup_epochs} warmup epochs leaves nothing of {args.epochs} epochs'),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainError(message)
+
+
+def _create_model(args: Any, num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    import timm
+    arch = dict(args.model_kwargs, num_classes=num_classes)
+    kw = dict(arch)
+    if args.drop is not None:
+        kw['drop_rate'] = args.drop
+    if args.drop_path is not None:
+        kw['drop_path_rate'] = args.drop_path
+    if args.pretrained_path:
+        kw['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained or bool(args.pretrained_path), **kw)
+    except (TypeError, ValueError, RuntimeError, OSError) as e:
+        raise TrainError(f'cannot create model {args.model!r} with {kw}: {e}') from e
+    return model, arch
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, args: Any, steps_per_epoch: int) -> Tuple[Any, int]:
+    from timm.scheduler import create_scheduler_v2
+    epochs = args.epochs - (args.warmup_epochs if args.warmup_prefix else 0)
+    try:
+        sched, total = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=epochs, decay_epochs=args.decay_epochs,
+            decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs,
+            decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+            warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch)
+    except (ValueError, AssertionError, TypeError) as e:
+        raise TrainError(f'cannot create scheduler {args.sched!r}: {e}') from e
+    return sched, total
+
+
+_SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'min_lr', 'warmup_lr', 'epochs', 'warmup_epochs',
+                  'warmup_prefix', 'cooldown_epochs', 'decay_epochs', 'decay_rate')
+
+
+def _loss(args: Any, mixup_on: bool) -> nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if mixup_on:
+        return SoftTargetCrossEntropy()
+    if args.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _mixup(args: Any, num_classes: int) -> Any:
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax):
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def _resume_source(args: Any, run_dir: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """Read (and check) the checkpoint to continue, or refuse to overwrite another run's files."""
+    existing = ckpt_io.list_checkpoints(run_dir)
+    if args.resume == 'auto':
+        found = ckpt_io.find_latest(run_dir)
+        return (found[0], found[1]) if found else (None, None)
+    if args.resume:
+        path = Path(args.resume)
+        data = ckpt_io.load_checkpoint(path)
+        foreign = [p for p in existing if p.resolve().parent != path.resolve().parent]
+        if foreign:
+            raise TrainError(f'output folder {str(run_dir)!r} holds checkpoints of another run '
+                             f'({foreign[0].name}); resume into an empty --output or that run\'s own folder')
+        return path, data
+    if existing:
+        raise TrainError(f'output folder {str(run_dir)!r} already holds checkpoints ({existing[0].name}); '
+                         'pass --resume auto to continue that run, or choose another --output')
+    return None, None
+
+
+def _load_states(run: Run, data: Mapping[str, Any], path: Path) -> None:
+    """Put the checkpoint's model, EMA, optimizer, scheduler and scaler states in place."""
+    try:
+        run.module.load_state_dict(data['model'], strict=True)
+        if run.ema is not None:
+            run.ema.module.load_state_dict(data['ema'], strict=True)
+        run.optimizer.load_state_dict(data['optimizer'])
+        if run.scheduler is not None and data.get('schedule') == run.schedule:
+            run.scheduler.load_state_dict(dict(data['scheduler']))
+        if data.get('scaler'):
+            run.scaler.load_state_dict(data['scaler'])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise TrainError(f'checkpoint {str(path)!r} does not fit this model/optimizer: {first}') from None
+
+
+def prepare(args: Any, dist_info: DistInfo) -> Run:
+    """Check everything and build the run; ``TrainError`` names the first problem found."""
+    import timm
+    from . import agc  # noqa: F401  (registers sgdagc / adamwagc / lambagc)
+    from . import nfnet  # noqa: F401  (registers the models)
+    for module in args.device_modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise TrainError(f'--device-modules: cannot import {module!r}: {e}') from e
+    if not timm.is_model(args.model):
+        raise TrainError(f'unknown model {args.model!r}; NFNets: nfnet_f0..f7, nfnet_f0_plus..f7_plus, '
+                         'nf_seresnextd_f0..f3, nf_seresnext50d, nf_seresnext101d (or any timm.list_models() name)')
+    opt_name, clipping, opt_kwargs = resolve_optimizer(args)
+    _check_numbers(args, dist_info)
+    run_dir = resolve_run_dir(args, dist_info)
+    resume_path, resume = _resume_source(args, run_dir)
+    notes = [f'--resume auto: no checkpoint in {run_dir}, starting a new run'] if args.resume == 'auto' and not resume else []
+
+    seed_all(args.seed)
+    data = build_datasets(args, _default_cfg(args.model))
+    num_classes = args.num_classes or num_classes_of(data.train)
+    if not num_classes:
+        raise TrainError('cannot tell the number of classes of this dataset; pass --num-classes')
+    model, arch = _create_model(args, num_classes)
+    device = dist_info.device
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    ema = _make_ema(model, args)
+
+    world, accum = dist_info.world_size, args.grad_accum_steps
+    sampler = EpochSampler(len(data.train), args.batch_size, rank=dist_info.rank, world_size=world,
+                           seed=args.seed, accum_steps=accum)
+    steps = sampler.micro_batches // accum
+    if steps < 1:
+        raise TrainError(f'{len(data.train)} training images cannot fill one step of global batch '
+                         f'{args.batch_size * world * accum}; lower --batch-size or --grad-accum-steps')
+    global_batch = args.batch_size * world * accum
+    if args.lr is None:
+        args.lr = _lr_from_base(args, global_batch)
+    optimizer = build_optimizer(model, args, opt_name, clipping, opt_kwargs)
+    scheduler, num_epochs = _scheduler(optimizer, args, steps)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
+
+    mixup = _mixup(args, num_classes)
+    val_loader = None
+    if data.val is not None:
+        val_sampler = EpochSampler(len(data.val), args.validation_batch_size or args.batch_size,
+                                   rank=dist_info.rank, world_size=world, shuffle=False)
+        val_loader = build_loader(data.val, val_sampler, args, device)
+    identity = dict(model=args.model, model_args=arch, num_classes=num_classes, opt=opt_name, agc=clipping,
+                    model_ema=bool(args.model_ema), global_batch=global_batch, world_size=world)
+    derived = dict(run_dir=str(run_dir), device=str(device), world_size=world, global_batch=global_batch,
+                   lr=args.lr, optimizer=f'{type(optimizer).__name__} ({opt_name})', agc_clipping=clipping,
+                   param_groups=_describe_groups(optimizer), num_classes=num_classes,
+                   input_size=list(data.data_config['input_size']), dataset=data.name,
+                   train_images=len(data.train), val_images=len(data.val) if data.val is not None else 0,
+                   steps_per_epoch=steps, total_epochs=num_epochs)
+    run = Run(args=args, dist=dist_info, run_dir=run_dir, model=model, module=model, ema=ema,
+              optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast, mixup=mixup,
+              train_loss=_loss(args, mixup is not None), train_loader=build_loader(data.train, sampler, args, device),
+              train_sampler=sampler, val_loader=val_loader, steps_per_epoch=steps, num_epochs=num_epochs,
+              num_classes=num_classes, identity=identity, data_config=data.data_config, derived=derived,
+              arch_kwargs=arch, resume=resume, resume_path=resume_path, notes=notes,
+              schedule={k: getattr(args, k) for k in _SCHEDULE_KEYS} | {'steps_per_epoch': steps})
+    if resume is not None:
+        ckpt_io.check_compatible(resume, identity, str(resume_path))
+        _load_states(run, resume, resume_path)
+    seed_all(args.seed + dist_info.rank)
+    if dist_info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return run
+
+
+def _default_cfg(model_name: str) -> Dict[str, Any]:
+    """The model's default pretrained cfg (input size, mean/std...) without building the model."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(model_name)
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _lr_from_base(args: Any, global_batch: int) -> float:
+    """timm's rule: ``lr_base * (global_batch / lr_base_size)`` (square root for ada*/lamb)."""
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    return args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+
+
+def _describe_groups(optimizer: torch.optim.Optimizer) -> List[str]:
+    return [f"{len(g['params'])} tensors: wd {g.get('weight_decay')}, clipping {g.get('clipping', 'n/a')}"
+            for g in optimizer.param_groups]
