@@ -76,19 +76,29 @@ def _sync(device: str) -> None:
 
 def time_fn(fn: Callable[[], object], device: str, warmup: int, repeats: int, min_time: float = 0.0) -> float:
     """Median seconds per call."""
+    return time_pair(fn, None, device, warmup, repeats, min_time)[0]
+
+
+def time_pair(fa: Callable[[], object], fb: Optional[Callable[[], object]], device: str, warmup: int,
+              repeats: int, min_time: float = 0.0) -> tuple:
+    """Median seconds per call of ``fa`` and ``fb``, timed in alternation (A B A B ...) so that
+    drift of a shared machine's speed hits both sides alike."""
+    fns = [fa] if fb is None else [fa, fb]
     for _ in range(warmup):
-        fn()
+        for f in fns:
+            f()
     _sync(device)
-    times: List[float] = []
+    times: List[List[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 10 * repeats:
+    while len(times[0]) < repeats or time.perf_counter() - start < min_time:
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+        if len(times[0]) >= 10 * repeats:
             break
-    return statistics.median(times)
+    return tuple(statistics.median(ts) for ts in times)
 
 
 def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
@@ -144,8 +154,8 @@ def bench_inference(args, theirs, ours, peak: float) -> List[Dict]:
 
 
 def _row(label, batch, size, theirs, ours, x, args, macs, peak) -> Dict:
-    t_timm = time_fn(lambda: theirs(x), args.device, args.warmup, args.repeats, args.min_time)
-    t_ours = time_fn(lambda: ours(x), args.device, args.warmup, args.repeats, args.min_time)
+    t_timm, t_ours = time_pair(lambda: theirs(x), lambda: ours(x), args.device, args.warmup, args.repeats,
+                               args.min_time)
     gflops = 2 * macs / t_ours / 1e9
     row = dict(case=label, batch=batch, px=size, timm_ms=1e3 * t_timm, ours_ms=1e3 * t_ours,
                ratio=t_timm / t_ours, ours_img_s=batch / t_ours, ours_gflops=gflops, ours_of_peak=gflops / peak)
@@ -189,33 +199,38 @@ def train_step_fn(impl: str, model_name: str, device: str, amp: Optional[str], b
     return step
 
 
-def _child_train(args) -> None:
-    """Runs in a subprocess so that each implementation's peak memory is its own."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+def _child_memory(args) -> None:
+    """Runs in a subprocess holding one model, so that the peak memory is that side's own."""
     step = train_step_fn(args.child, args.model, args.device, args.amp, args.train_batch, args.train_px)
     if args.device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    t = time_fn(step, args.device, warmup=args.warmup, repeats=args.train_repeats)
+    for _ in range(3):
+        step()
+    _sync(args.device)
     peak = (torch.cuda.max_memory_allocated() if args.device == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps(dict(seconds=t, peak_bytes=peak)))
+    print(json.dumps(dict(peak_bytes=peak)))
 
 
 def bench_train(args) -> Dict:
-    out = {}
+    """Speed: both steps in this process, timed in alternation. Memory: one child process each."""
+    timm_step = train_step_fn('timm', args.model, args.device, args.amp, args.train_batch, args.train_px)
+    ours_step = train_step_fn('ours', args.model, args.device, args.amp, args.train_batch, args.train_px)
+    t_timm, t_ours = time_pair(timm_step, ours_step, args.device, args.warmup, args.train_repeats)
+    del timm_step, ours_step
+    peak = {}
     for impl in ('timm', 'ours'):
         cmd = [sys.executable, __file__, '--child', impl] + [a for a in sys.argv[1:] if a != '--child']
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f'training step ({impl}) failed:\n{res.stderr[-3000:]}')
-        out[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+        peak[impl] = json.loads(res.stdout.strip().splitlines()[-1])['peak_bytes'] / 2 ** 20
     row = dict(case='train step + AGC + SGD', batch=args.train_batch, px=args.train_px,
-               timm_ms=1e3 * out['timm']['seconds'], ours_ms=1e3 * out['ours']['seconds'],
-               ratio=out['timm']['seconds'] / out['ours']['seconds'],
-               timm_peak_mb=out['timm']['peak_bytes'] / 2 ** 20, ours_peak_mb=out['ours']['peak_bytes'] / 2 ** 20)
+               timm_ms=1e3 * t_timm, ours_ms=1e3 * t_ours, ratio=t_timm / t_ours,
+               timm_peak_mb=peak['timm'], ours_peak_mb=peak['ours'])
     _print_row(row)
-    print(f'    peak memory: timm {row["timm_peak_mb"]:.0f} MB, ours {row["ours_peak_mb"]:.0f} MB '
-          f'({"CUDA max allocated" if args.device == "cuda" else "peak RSS of the step process"})')
+    print(f'    peak memory over 3 steps: timm {peak["timm"]:.0f} MB, ours {peak["ours"]:.0f} MB '
+          f'({"CUDA max allocated" if args.device == "cuda" else "peak RSS of a process holding one model"})')
     return row
 
 
@@ -255,7 +270,7 @@ def main(argv=None) -> int:
     if args.amp and args.tol == 1e-4:
         args.tol = 0.5  # reduced-precision paths are compared loosely
     if args.child:
-        _child_train(args)
+        _child_memory(args)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -242,14 +242,17 @@ class WSConv2d(nn.Conv2d):
         """A plain conv with the standardised weight baked in, for inference.
 
         Stride-1 convs get static symmetric padding (exactly XLA 'SAME' for odd kernels);
-        strided convs keep size-dependent 'SAME' padding (``SameConv2d``).
+        strided convs keep size-dependent 'SAME' padding (``SameConv2d``). The weight is stored
+        channels_last (see below).
         """
         k = self.kernel_size[0]
         if self.stride[0] == 1 and k % 2 == 1:
             conv = nn.Conv2d(self.in_channels, self.out_channels, k, padding=k // 2, groups=self.groups)
         else:
             conv = SameConv2d(self.in_channels, self.out_channels, k, stride=self.stride, groups=self.groups)
-        conv = conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        # channels_last weights: oneDNN (CPU) and cuDNN (GPU) then run the conv in NHWC, their
+        # fastest layout, whatever the input's layout (outputs are then channels_last too).
+        conv = conv.to(device=self.weight.device, dtype=self.weight.dtype, memory_format=torch.channels_last)
         conv.weight.copy_(self.standardized_weight())
         conv.bias.copy_(self.bias)
         conv.train(self.training)

@@ -1,0 +1,116 @@
+"""Where a training step's time goes: forward+backward and optimizer step, ours vs timm, per variant.
+
+    python benchmarks/profile_step.py --device cuda --amp bf16 --batch 64 --px 192
+
+Times forward+backward alone for timm's ``dm_nfnet_*`` and for this package's model with
+each weight-standardisation variant (``custom``: the shipped autograd function; ``autograd``:
+the plain expression; ``batchnorm``: ``F.batch_norm`` on the weights, which ignores the
+reference's eps floor and is shown only as a bound), then the optimizer step alone (timm's
+``adaptive_clip_grad`` + SGD vs ``sgdagc``), and prints the top kernels of one step of each model.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import timm
+import timm_nfnet_ext  # noqa: F401
+from timm_nfnet_ext import layers
+
+
+def ws_autograd(weight, gain, input_scale=1.0, eps=1e-4):
+    var, mean = torch.var_mean(weight, dim=(1, 2, 3), correction=0, keepdim=True)
+    scale = torch.rsqrt(torch.clamp(var * weight[0].numel(), min=eps)) * (gain * input_scale).view(-1, 1, 1, 1)
+    return weight * scale - mean * scale
+
+
+def ws_batchnorm(weight, gain, input_scale=1.0, eps=1e-4):
+    o = weight.shape[0]
+    scale = gain * (input_scale / weight[0].numel() ** 0.5)
+    return F.batch_norm(weight.reshape(1, o, -1), None, None, weight=scale, training=True, momentum=0.,
+                        eps=1e-10).reshape_as(weight)
+
+
+VARIANTS = {'custom': layers.standardize_weight, 'autograd': ws_autograd, 'batchnorm': ws_batchnorm}
+
+
+def timed(fn, device, warmup=3, repeats=10):
+    for _ in range(warmup):
+        fn()
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--model', default='nfnet_f0')
+    p.add_argument('--device', default='cuda')
+    p.add_argument('--amp', default='bf16')
+    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--px', type=int, default=192)
+    p.add_argument('--repeats', type=int, default=10)
+    p.add_argument('--top', type=int, default=12)
+    args = p.parse_args()
+    dev = args.device
+    x = torch.randn(args.batch, 3, args.px, args.px, device=dev)
+    y = torch.randint(0, 1000, (args.batch,), device=dev)
+    models = {'timm': timm.create_model('dm_' + args.model).to(dev).train(),
+              'ours': timm.create_model(args.model).to(dev).train()}
+
+    def fwd_bwd(model):
+        def f():
+            model.zero_grad(set_to_none=True)
+            with (torch.autocast(dev, dtype=torch.bfloat16) if args.amp == 'bf16' else contextlib.nullcontext()):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        return f
+
+    print(f'{args.model} b{args.batch} {args.px}px {dev} {args.amp}')
+    print(f'fwd+bwd timm               {timed(fwd_bwd(models["timm"]), dev, repeats=args.repeats):8.2f} ms')
+    for name, fn in VARIANTS.items():
+        orig = layers.WSConv2d.standardized_weight
+        layers.WSConv2d.standardized_weight = lambda self, fn=fn: fn(self.weight, self.gain, self.input_scale, self.eps)
+        print(f'fwd+bwd ours, WS {name:<9} {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms')
+        layers.WSConv2d.standardized_weight = orig
+
+    from timm.utils.agc import adaptive_clip_grad
+    fwd_bwd(models['timm'])()
+    fwd_bwd(models['ours'])()
+    sgd = torch.optim.SGD(models['timm'].parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5,
+                          foreach=True)
+    ours_opt = timm.optim.create_optimizer_v2(models['ours'], 'sgdagc', lr=0.1, momentum=0.9, weight_decay=2e-5,
+                                              clipping=0.01)
+
+    def timm_step():
+        adaptive_clip_grad(models['timm'].parameters(), clip_factor=0.01)
+        sgd.step()
+    print(f'optimizer timm clip + SGD   {timed(timm_step, dev, repeats=args.repeats):8.2f} ms')
+    print(f'optimizer sgdagc            {timed(ours_opt.step, dev, repeats=args.repeats):8.2f} ms')
+
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == 'cuda' else [])
+    for name, model in models.items():
+        with profile(activities=acts) as prof:
+            fwd_bwd(model)()
+            if dev == 'cuda':
+                torch.cuda.synchronize()
+        key = 'self_cuda_time_total' if dev == 'cuda' else 'self_cpu_time_total'
+        print(f'--- top kernels, {name} fwd+bwd ---')
+        print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60))
+
+
+if __name__ == '__main__':
+    main()
