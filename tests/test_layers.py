@@ -71,3 +71,18 @@ def test_gelu_is_the_tanh_form_and_inplace_only_without_autograd():
     with torch.no_grad():
         out = act(buf)
     assert out.data_ptr() == buf.data_ptr()  # inference: overwritten in place, no new buffer
+
+
+def test_row_dot_both_paths_agree():
+    from timm_nfnet_ext import layers
+    a, b = torch.randn(7, 50, dtype=torch.float64), torch.randn(7, 50, dtype=torch.float64)
+    expected = (a * b).sum(1, keepdim=True)
+    assert torch.allclose(layers._row_dot(a, b), expected)
+    # the non-CPU formula, checked here on CPU tensors through a device-less stand-in
+    class _Dev:
+        type = 'cuda'
+    class _T(torch.Tensor):
+        @property
+        def device(self):
+            return _Dev()
+    assert torch.allclose(layers._row_dot(a.as_subclass(_T), b.as_subclass(_T)).as_subclass(torch.Tensor), expected)

@@ -150,6 +150,18 @@ class SameConv2d(nn.Conv2d):
         return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups)
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row dot products of two (O, F) matrices, as an (O, 1) column.
+
+    On CPU a batched GEMV (no temporary the size of the weights, whose fresh pages cost more
+    than the arithmetic); on GPUs a multiply and a row sum, since cuBLAS's batched GEMM is slow
+    for these 1xF by Fx1 shapes.
+    """
+    if a.device.type == 'cpu':
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1, 1)
+    return (a * b).sum(dim=1, keepdim=True)
+
+
 class _StandardizeWeight(torch.autograd.Function):
     """``w_hat = (w - mean) * rsqrt(max(||w - mean||^2, eps)) * gain * c``, per output row.
 
@@ -179,8 +191,7 @@ class _StandardizeWeight(torch.autograd.Function):
         w = weight.reshape(weight.shape[0], -1)
         g = grad_out.reshape(w.shape)
         g_sum = g.sum(dim=1, keepdim=True)
-        # <g, w - mean> per row, as a batched dot (no temporary the size of the weights)
-        dot = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).view(-1, 1) - mean * g_sum
+        dot = _row_dot(g, w) - mean * g_sum  # <g, w - mean> per row
         grad_gain = (dot * inv).view(-1) * c
         r = inv * (gain.view(-1, 1) * c)
         rk = r * dot * inv.square() * unclamped
