@@ -3,9 +3,10 @@
     python benchmarks/profile_step.py --device cuda --amp bf16 --batch 64 --px 192
 
 Times forward+backward alone for timm's ``dm_nfnet_*`` and for this package's model with
-each weight-standardisation variant (``custom``: the shipped autograd function; ``autograd``:
-the plain expression; ``batchnorm``: ``F.batch_norm`` on the weights, which ignores the
-reference's eps floor and is shown only as a bound), then the optimizer step alone (timm's
+each weight-standardisation variant (``shipped``: what ``standardize_weight`` picks for the
+device; ``custom``: the hand-written autograd function; ``autograd``: the plain expression;
+``batchnorm``: ``F.batch_norm`` on the weights, which ignores the reference's eps floor and is
+shown only as a bound), then the optimizer step alone (timm's
 ``adaptive_clip_grad`` + SGD vs ``sgdagc``), and prints the top kernels of one step of each model.
 """
 from __future__ import annotations
@@ -23,10 +24,9 @@ import timm_nfnet_ext  # noqa: F401
 from timm_nfnet_ext import layers
 
 
-def ws_autograd(weight, gain, input_scale=1.0, eps=1e-4):
-    var, mean = torch.var_mean(weight, dim=(1, 2, 3), correction=0, keepdim=True)
-    scale = torch.rsqrt(torch.clamp(var * weight[0].numel(), min=eps)) * (gain * input_scale).view(-1, 1, 1, 1)
-    return weight * scale - mean * scale
+def ws_custom(weight, gain, input_scale=1.0, eps=1e-4):
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        return layers._StandardizeWeight.apply(weight, gain, input_scale, eps)
 
 
 def ws_batchnorm(weight, gain, input_scale=1.0, eps=1e-4):
@@ -36,7 +36,8 @@ def ws_batchnorm(weight, gain, input_scale=1.0, eps=1e-4):
                         eps=1e-10).reshape_as(weight)
 
 
-VARIANTS = {'custom': layers.standardize_weight, 'autograd': ws_autograd, 'batchnorm': ws_batchnorm}
+VARIANTS = {'shipped': layers.standardize_weight, 'custom': ws_custom,
+            'autograd': layers._standardize_weight_autograd, 'batchnorm': ws_batchnorm}
 
 
 def timed(fn, device, warmup=3, repeats=10):
