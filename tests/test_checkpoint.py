@@ -1,5 +1,4 @@
 """Safe reading of DeepMind pickles, layout mapping, and checkpoints that must be refused."""
-import io
 import os
 import pickle
 import struct

@@ -4,7 +4,6 @@ Importing this package registers the models (``nfnet_f0`` ... ``nfnet_f7``, the 
 ``nfnet_f*_plus`` variants and the NF-SE-ResNeXt-D family) in timm's model registry, and the
 AGC optimizers (``sgdagc``, ``adamwagc``, ``lambagc``, ...) in timm's optimizer registry.
 """
-from . import agc
 from .checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -12,7 +11,25 @@ from .checkpoint import (
     load_checkpoint_file,
     read_deepmind_pickle,
 )
+from .agc import (
+    AGCMixin,
+    AdamWAGC,
+    LambAGC,
+    SGDAGC,
+    adaptive_clip_grad_,
+    agc_param_groups,
+    register_agc_optimizer,
+    unitwise_norm,
+    with_agc,
+)
 from .layers import GAMMAS, WSConv2d
 from .nfnet import MODEL_CFGS, NFBlock, NFNet, NfNetCfg
 
 __version__ = '0.1.0'
+
+__all__ = [
+    'NFNet', 'NFBlock', 'NfNetCfg', 'MODEL_CFGS', 'WSConv2d', 'GAMMAS',
+    'CheckpointError', 'UnsafeCheckpointError', 'checkpoint_filter_fn', 'load_checkpoint_file', 'read_deepmind_pickle',
+    'SGDAGC', 'AdamWAGC', 'LambAGC', 'AGCMixin', 'with_agc', 'adaptive_clip_grad_', 'agc_param_groups',
+    'register_agc_optimizer', 'unitwise_norm',
+]

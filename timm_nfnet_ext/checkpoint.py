@@ -20,7 +20,7 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Tuple, Union
 
 import numpy as np
 import torch
@@ -177,10 +177,7 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, Union[np.ndarray, torch.Te
         return read_deepmind_pickle(path)
     if head[:2] == b'PK':
         if path.endswith(('.pth', '.pt', '.bin', '.ckpt')):
-            try:
-                return _unwrap_torch(torch.load(path, map_location='cpu', weights_only=True), path)
-            except Exception as e:
-                raise CheckpointError(f'{path}: not a loadable weights-only PyTorch file ({e})') from None
+            return _load_torch_weights(path)
         try:
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
@@ -193,14 +190,16 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, Union[np.ndarray, torch.Te
         raise CheckpointError(f'{path}: not a readable safetensors/pickle/npz checkpoint ({e})') from None
 
 
-def _unwrap_torch(obj: Any, path: str) -> Dict[str, torch.Tensor]:
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+def _load_torch_weights(path: str) -> Dict[str, torch.Tensor]:
+    """timm's own loader (EMA/state_dict unwrapping, 'module.' prefixes) with ``weights_only=True``."""
+    from timm.models import load_state_dict
+    try:
+        state = load_state_dict(path, use_ema=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f'{path}: not a loadable weights-only PyTorch file ({e})') from None
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f'{path}: expected a state dict of tensors')
-    return {k[7:] if k.startswith('module.') else k: v for k, v in obj.items()}
+    return dict(state)
 
 
 # --- layouts -------------------------------------------------------------------------------------

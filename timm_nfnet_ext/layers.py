@@ -20,6 +20,7 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers.padding import get_same_padding
 
 __all__ = [
     'GAMMAS', 'get_act_fn', 'same_pads', 'SameConv2d', 'standardize_weight', 'WSConv2d', 'SqueezeExcite',
@@ -117,8 +118,7 @@ class Activation(nn.Module):
 
 def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
     """XLA 'SAME' padding of one spatial dim: ``(low, high)``, the odd pixel going high."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
+    total = get_same_padding(size, kernel, stride, 1)
     return total // 2, total - total // 2
 
 
