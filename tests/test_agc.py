@@ -286,6 +286,15 @@ def reference_setup(seed, dtype):
     return rng, arr, params, groups, wds, clips
 
 
+def step_both(rng, opt, ref, params, names, wds, clips):
+    """One step of the optimizer and of the NumPy reference on the same fresh gradients."""
+    grads = [None if n == 'no_grad' else unit_ratios_grad(rng, ref.params[i], clips[n] or CLIP)
+             for i, n in enumerate(names)]
+    set_grads(params.values(), grads)
+    opt.step()
+    ref.step(grads, [wds[n] for n in names], [clips[n] for n in names])
+
+
 @pytest.mark.parametrize('dtype,rtol,foreach', [
     (torch.float64, 1e-10, False), (torch.float64, 1e-10, True), (torch.float32, 2e-5, True)])
 def test_sgdagc_matches_numpy_reference_over_steps(dtype, rtol, foreach):
@@ -294,11 +303,7 @@ def test_sgdagc_matches_numpy_reference_over_steps(dtype, rtol, foreach):
     opt = SGDAGC(groups, lr=0.5, foreach=foreach)
     ref = NpSGDAGC(arr.values(), lr=0.5)
     for _ in range(5):
-        grads = [None if n == 'no_grad' else unit_ratios_grad(rng, ref.params[i], clips[n] or CLIP)
-                 for i, n in enumerate(names)]
-        set_grads(params.values(), grads)
-        opt.step()
-        ref.step(grads, [wds[n] for n in names], [clips[n] for n in names])
+        step_both(rng, opt, ref, params, names, wds, clips)
         for i, n in enumerate(names):
             np.testing.assert_allclose(params[n].detach().double().numpy(), ref.params[i],
                                        rtol=rtol, atol=rtol * 1e-3, err_msg=n)
@@ -681,11 +686,7 @@ def test_cuda_sgdagc_reference_and_nonfinite():
     opt = SGDAGC(groups, lr=0.5)
     ref = NpSGDAGC(arr.values(), lr=0.5)
     for _ in range(3):
-        grads = [None if n == 'no_grad' else unit_ratios_grad(rng, ref.params[i], clips[n] or CLIP)
-                 for i, n in enumerate(names)]
-        set_grads(params.values(), grads)
-        opt.step()
-        ref.step(grads, [wds[n] for n in names], [clips[n] for n in names])
+        step_both(rng, opt, ref, params, names, wds, clips)
     for i, n in enumerate(names):
         np.testing.assert_allclose(params[n].detach().cpu().numpy(), ref.params[i], rtol=1e-10)
     params['conv'].grad[0, 0, 0, 0] = float('inf')
