@@ -51,6 +51,8 @@ def _git(repo: Path, *args: str, input: Optional[bytes] = None, env: Optional[Di
                              env=full_env, timeout=600, check=False)
     except FileNotFoundError:
         raise GitMirrorError('git is not installed (needed for --git-mirror)') from None
+    except subprocess.TimeoutExpired:
+        raise GitMirrorError(f'git {" ".join(args[:2])} timed out in {repo}') from None
     if res.returncode != 0:
         detail = res.stderr.decode(errors='replace').strip()
         raise GitMirrorError(f'git {" ".join(args[:2])} failed in {repo}: {detail}')
@@ -124,7 +126,10 @@ def commit_folder(
     files = sorted(files if files is not None else (p.name for p in folder.iterdir() if p.is_file()))
     _open_repo(repo)
     branch = _git(repo, 'symbolic-ref', '-q', 'HEAD')
-    old = _git(repo, 'rev-parse', '-q', '--verify', f'{branch}^{{commit}}') if _has_commit(repo, branch) else ''
+    try:
+        old = _git(repo, 'rev-parse', '-q', '--verify', f'{branch}^{{commit}}')
+    except GitMirrorError:
+        old = ''  # an empty repository: the first commit
     blobs = _blobs(repo, folder, files)
     with tempfile.TemporaryDirectory(prefix='timm-nfnet-hub-index-') as tmp:
         env = {'GIT_INDEX_FILE': str(Path(tmp) / 'index')}
@@ -140,8 +145,3 @@ def commit_folder(
     _git(repo, 'update-ref', '-m', 'timm-nfnet-hub publish', branch, new, old or _ZERO_OID)
     _git(repo, 'reset', '-q', '--hard', new)  # the work tree was clean: show the new files
     return new, True
-
-
-def _has_commit(repo: Path, ref: str) -> bool:
-    return subprocess.run(['git', '-C', str(repo), 'rev-parse', '-q', '--verify', f'{ref}^{{commit}}'],
-                          capture_output=True, timeout=60).returncode == 0

@@ -84,7 +84,9 @@ def download(url: str, cache_dir: PathLike, size: Optional[int] = None, sha256: 
     """Download ``url`` into ``cache_dir`` (kept if already there and valid); checked, then renamed into place."""
     cache_dir = Path(cache_dir)
     name = os.path.basename(urlparse(url).path) or 'checkpoint'
-    final = cache_dir / name
+    # keyed by the whole URL: two URLs ending in the same file name are different files
+    final = cache_dir / f'{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}'
+
     if final.is_file():
         try:
             check_source_file(final, size, sha256)
@@ -140,7 +142,10 @@ def resolve_source(
     if src.startswith('hf-hub:'):
         return _hub_file(src[len('hf-hub:'):])
     if src.startswith(('http://', 'https://')):
-        return download(src, cache_dir or default_cache_dir(), size, sha)
+        # the manifest's size/sha describe the manifest's own URL, not any other file
+        described = src == release.source_url or expected_size is not None
+        return download(src, cache_dir or default_cache_dir(), size if described else None,
+                        sha if described else None)
     path = Path(src)
     if not path.is_file():
         raise SourceError(f'source checkpoint not found: {path}')

@@ -694,3 +694,17 @@ def test_cuda_sgdagc_reference_and_nonfinite():
     with pytest.raises(FloatingPointError):
         opt.step()
     assert torch.equal(params['conv'].grad, before)  # off CPU nothing is modified
+
+
+def test_integer_hyperparameters_in_added_groups_are_stored_as_floats():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = SGDAGC([w], lr=0.1, clipping=0.01)
+    extra = torch.nn.Parameter(torch.randn(5))
+    opt.add_param_group({'params': [extra], 'agc_eps': 1, 'clipping': 1})
+    assert opt.param_groups[1]['agc_eps'] == 1.0 and isinstance(opt.param_groups[1]['agc_eps'], float)
+    before = extra.detach().clone()
+    w.grad, extra.grad = torch.randn(4, 3), torch.full((5,), 100.0)
+    opt.step()  # used to fail on the int eps
+    # clip to max(|p|, 1) * 1, then Nesterov momentum 0.9 from an empty buffer: lr * 1.9 * clipped
+    expected = 0.1 * 1.9 * max(before.norm().item(), 1.0)
+    assert (extra.detach() - before).norm().item() == pytest.approx(expected, rel=1e-5)

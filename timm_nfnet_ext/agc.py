@@ -523,8 +523,9 @@ class AGCMixin:
 
 
 def _validate_group(group: Dict[str, Any]) -> None:
-    _check_clipping(group['clipping'], where="a param group's clipping")
-    _check_positive("a param group's agc_eps", group['agc_eps'])
+    """Check a group's AGC settings and store them as floats (an int ``agc_eps`` would break the step)."""
+    group['clipping'] = _check_clipping(group['clipping'], where="a param group's clipping")
+    group['agc_eps'] = _check_positive("a param group's agc_eps", group['agc_eps'])
 
 
 class SGDAGC(AGCMixin, torch.optim.SGD):

@@ -11,6 +11,7 @@ train steps with gradient accumulation, AGC statistics, EMA, validation, checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import sys
@@ -197,20 +198,12 @@ def _micro_step(run: Run, images: torch.Tensor, targets: torch.Tensor, last: boo
     images, targets = _to_device(images, targets, run)
     if run.mixup is not None:  # also after --mixup-off-epoch: it still makes the soft targets
         images, targets = run.mixup(images, targets)
-    sync = run.model.no_sync() if run.dist.distributed and not last else _null()
+    sync = run.model.no_sync() if run.dist.distributed and not last else contextlib.nullcontext()
     with sync:
         with run.autocast():
             loss = run.train_loss(run.model(images), targets) / run.args.grad_accum_steps
         run.scaler.scale(loss).backward()
     return loss.detach()
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _optimizer_step(run: Run, state: Dict[str, Any], measure: bool) -> None:
@@ -297,7 +290,8 @@ def _validate(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, Any]:
     return row
 
 
-def _update_best(run: Run, state: Dict[str, Any], row: Dict[str, Any]) -> None:
+def _update_best(run: Run, state: Dict[str, Any], row: Dict[str, Any]) -> float:
+    """Track the best epoch by ``--eval-metric``; return this epoch's value (the plateau scheduler's metric)."""
     metric = run.args.eval_metric
     key = {'top1': 'eval_top1', 'top5': 'eval_top5', 'loss': 'eval_loss'}[metric]
     if key not in row:
@@ -306,6 +300,7 @@ def _update_best(run: Run, state: Dict[str, Any], row: Dict[str, Any]) -> None:
     better = best is None or (value < best if metric == 'loss' else value > best)
     if better:
         state['best'] = {'value': value, 'epoch': row['epoch'], 'metric': key}
+    return value
 
 
 def _write_reports(run: Run, history: List[Dict[str, Any]]) -> None:
@@ -319,7 +314,8 @@ def train(run: Run) -> Dict[str, Any]:
     """The training loop; returns the final state (history, best, position)."""
     log = _Log(run.dist.primary)
     state = _restore(run)
-    if run.resume is not None:
+    resumed, run.resume = run.resume is not None, None  # its tensors are loaded: free the copy
+    if resumed:
         log(f'resuming {run.resume_path} at epoch {state["epoch"]} step {state["step"]} '
             f'(global step {state["global_step"]})')
     if run.scheduler is not None:
@@ -333,10 +329,10 @@ def train(run: Run) -> Dict[str, Any]:
         row.update(_validate(run, state, log))
         row['lr'] = _lr(run)
         state['history'].append(row)
-        _update_best(run, state, row)
+        value = _update_best(run, state, row)
         state.update(epoch=state['epoch'] + 1, step=0, meters=_fresh_meters())
         if run.scheduler is not None:
-            run.scheduler.step(state['epoch'])
+            run.scheduler.step(state['epoch'], value)  # the metric only matters to --sched plateau
         _save(run, state, epoch_end=True)
         _write_reports(run, state['history'])
         log(_epoch_line(row, time.time() - t0))
@@ -391,7 +387,7 @@ def _single_process(run: Run) -> Run:
 
 # --- command ---------------------------------------------------------------------------------
 def _announce(run: Run, sources: Dict[str, str], notes: Sequence[str]) -> None:
-    settings = {k: v for k, v in vars(run.args).items()}
+    settings = dict(vars(run.args))
     text = format_settings(settings, sources, run.derived)
     ckpt_io.write_text_atomic(settings_yaml(settings, sources, run.derived), run.run_dir / 'args.yaml')
     print(f'timm-nfnet-train: {run.args.model} on {run.derived["dataset"]}, run folder {run.run_dir}')
@@ -441,6 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _shutdown(barrier=False)
         return 1
     _finish(run, state)
+    _shutdown()  # before the export: other ranks must not wait on it past the collective timeout
     if run.args.export is not None and run.dist.primary:
         result = export_and_reload(run, state)
         if 'top1' in result:
@@ -448,7 +445,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f'validation top-1 {result["top1"]:.2f}%, top-5 {result["top5"]:.2f}%')
         else:
             print(f'exported {result["export_dir"]}/model.safetensors + config.json')
-    _shutdown()
     return 0
 
 

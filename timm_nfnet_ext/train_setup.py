@@ -244,7 +244,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, args: Any, steps_per_epoch: int
             decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs,
             decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
             warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
-            step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch)
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch,
+            plateau_mode='min' if args.eval_metric == 'loss' else 'max')
     except (ValueError, AssertionError, TypeError) as e:
         raise TrainError(f'cannot create scheduler {args.sched!r}: {e}') from e
     return sched, total
