@@ -93,15 +93,15 @@ def _make_ema(model: nn.Module, args: Any) -> Optional[nn.Module]:
 # --- optimizer -------------------------------------------------------------------------------
 def resolve_optimizer(args: Any) -> Tuple[str, Optional[float], Dict[str, Any]]:
     """(timm optimizer name, AGC clipping or None, extra keywords) for ``--opt``/``--agc``."""
-    from timm.optim import list_optimizers
-    from timm.optim._optim_factory import default_registry
+    from timm.optim import get_optimizer_info, list_optimizers
     from . import agc
     name = args.opt.lower()
     base = name.split('_')[-1]
-    if base not in set(list_optimizers()):
+    known = set(list_optimizers())
+    if base not in known:
         raise TrainError(f'unknown optimizer {args.opt!r}; try sgd, momentum, adamw, lamb, sgdagc, adamwagc, '
                          'lambagc (timm.optim.list_optimizers() lists them all)')
-    cls = default_registry.get_optimizer_info(base).opt_class
+    cls = get_optimizer_info(base).opt_class
     is_agc = isinstance(cls, type) and issubclass(cls, agc.AGCMixin)
     kwargs = dict(args.opt_kwargs)
     if args.agc is None:
@@ -116,7 +116,7 @@ def resolve_optimizer(args: Any) -> Tuple[str, Optional[float], Dict[str, Any]]:
         if name != base:
             raise TrainError(f'--agc wraps a plain optimizer name, not {args.opt!r}')
         name = 'sgdagc' if base in ('sgd', 'nesterov') else f'{base}agc'
-        if name not in set(list_optimizers()):
+        if name not in known:
             try:
                 agc.register_agc_optimizer(name, base)
             except (TypeError, ValueError, RuntimeError) as e:
