@@ -3,8 +3,9 @@
     python benchmarks/bench.py --model nfnet_f0                    # CPU, fp32
     python benchmarks/bench.py --model nfnet_f0 --device cuda --amp bf16 --train-batch 64
 
-Prints how far the two models' outputs are apart, then a table of timings and ratios
-(timm time / ours time: > 1 means this package is faster), and writes the same as JSON:
+Prints how far the two models' outputs are apart, then a table of timings and ratios (timm time /
+ours time, the median over back-to-back pairs: > 1 means this package is faster), and writes the
+same as JSON:
 - inference, eager, per batch size and resolution: timm vs ours, ours after
   ``timm.utils.reparameterize_model`` (fused), both in channels_last, and both compiled;
 - one training step (forward, backward, AGC, SGD step): timm's model + timm's
@@ -76,12 +77,12 @@ def _sync(device: str) -> None:
 
 def time_fn(fn: Callable[[], object], device: str, warmup: int, repeats: int, min_time: float = 0.0) -> float:
     """Median seconds per call."""
-    return time_pair(fn, None, device, warmup, repeats, min_time)[0]
+    return statistics.median(time_pair(fn, None, device, warmup, repeats, min_time)[0])
 
 
 def time_pair(fa: Callable[[], object], fb: Optional[Callable[[], object]], device: str, warmup: int,
               repeats: int, min_time: float = 0.0) -> tuple:
-    """Median seconds per call of ``fa`` and ``fb``, timed in alternation (A B A B ...) so that
+    """Seconds of each call of ``fa`` and ``fb``, timed in alternation (A B A B ...) so that
     drift of a shared machine's speed hits both sides alike."""
     fns = [fa] if fb is None else [fa, fb]
     for _ in range(warmup):
@@ -98,7 +99,13 @@ def time_pair(fa: Callable[[], object], fb: Optional[Callable[[], object]], devi
             ts.append(time.perf_counter() - t0)
         if len(times[0]) >= 10 * repeats:
             break
-    return tuple(statistics.median(ts) for ts in times)
+    return tuple(times)
+
+
+def paired_ratio(t_timm: List[float], t_ours: List[float]) -> float:
+    """Median over alternating pairs of timm's time / ours: each pair ran back to back, so a
+    slow phase of a shared machine cancels in its ratio instead of landing on one side."""
+    return statistics.median(a / b for a, b in zip(t_timm, t_ours))
 
 
 def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
@@ -112,7 +119,7 @@ def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
         x = a.reshape(1, n, n // 64, 64).contiguous(memory_format=torch.channels_last)  # (n/64*64) x n pixels
         w = b.reshape(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
         for fn in (lambda: torch.mm(a, b), lambda: torch.nn.functional.conv2d(x, w)):
-            t = min(time_pair(fn, None, device, warmup=2, repeats=3)[0] for _ in range(2))
+            t = min(min(time_pair(fn, None, device, warmup=2, repeats=3)[0]) for _ in range(2))
             best = max(best, 2 * n ** 3 / t / 1e9)
     return best
 
@@ -162,11 +169,13 @@ def bench_inference(args, theirs, ours, peak: float) -> List[Dict]:
 
 
 def _row(label, batch, size, theirs, ours, x, args, macs, peak) -> Dict:
-    t_timm, t_ours = time_pair(lambda: theirs(x), lambda: ours(x), args.device, args.warmup, args.repeats,
-                               args.min_time)
+    ts_timm, ts_ours = time_pair(lambda: theirs(x), lambda: ours(x), args.device, args.warmup, args.repeats,
+                                 args.min_time)
+    t_timm, t_ours = statistics.median(ts_timm), statistics.median(ts_ours)
     gflops = 2 * macs / t_ours / 1e9
     row = dict(case=label, batch=batch, px=size, timm_ms=1e3 * t_timm, ours_ms=1e3 * t_ours,
-               ratio=t_timm / t_ours, ours_img_s=batch / t_ours, ours_gflops=gflops, ours_of_peak=gflops / peak)
+               ratio=paired_ratio(ts_timm, ts_ours), ours_img_s=batch / t_ours, ours_gflops=gflops,
+               ours_of_peak=gflops / peak)
     _print_row(row)
     return row
 
@@ -236,7 +245,8 @@ def bench_train(args) -> Dict:
     """Speed: both steps in this process, timed in alternation. Memory: one child process each."""
     timm_step = train_step_fn('timm', args.model, args.device, args.amp, args.train_batch, args.train_px)
     ours_step = train_step_fn('ours', args.model, args.device, args.amp, args.train_batch, args.train_px)
-    t_timm, t_ours = time_pair(timm_step, ours_step, args.device, args.warmup, args.train_repeats)
+    ts_timm, ts_ours = time_pair(timm_step, ours_step, args.device, args.warmup, args.train_repeats)
+    t_timm, t_ours = statistics.median(ts_timm), statistics.median(ts_ours)
     del timm_step, ours_step
     peak = {}
     for impl in ('timm', 'ours'):
@@ -246,7 +256,7 @@ def bench_train(args) -> Dict:
             raise RuntimeError(f'training step ({impl}) failed:\n{res.stderr[-3000:]}')
         peak[impl] = json.loads(res.stdout.strip().splitlines()[-1])['peak_bytes'] / 2 ** 20
     row = dict(case='train step + AGC + SGD', batch=args.train_batch, px=args.train_px,
-               timm_ms=1e3 * t_timm, ours_ms=1e3 * t_ours, ratio=t_timm / t_ours,
+               timm_ms=1e3 * t_timm, ours_ms=1e3 * t_ours, ratio=paired_ratio(ts_timm, ts_ours),
                timm_peak_mb=peak['timm'], ours_peak_mb=peak['ours'])
     _print_row(row)
     print(f'    peak memory over 3 steps: timm {peak["timm"]:.0f} MB, ours {peak["ours"]:.0f} MB '

@@ -75,3 +75,42 @@ def test_gelu_is_the_tanh_form_and_inplace_only_without_autograd():
         out = act(buf)
     assert out.data_ptr() == buf.data_ptr()  # inference: overwritten in place, no new buffer
 
+
+
+def _tanh_gelu64(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize('layout', ['contiguous', 'channels_last', 'strided'])
+def test_fast_nograd_gelu_matches_the_tanh_form(layout):
+    from timm_nfnet_ext.layers import _GELU_CHUNK, gelu_tanh_nograd
+    # more elements than one chunk, and not a multiple of it; values far into both tails
+    x = torch.randn(3, 37, 61, 41) * 4
+    assert x.numel() > _GELU_CHUNK and x.numel() % _GELU_CHUNK
+    if layout == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == 'strided':
+        x = x[:, ::2]  # not dense: ATen's kernel
+    ref = _tanh_gelu64(x)
+    kept = x.clone()
+    out = gelu_tanh_nograd(x)
+    assert torch.equal(x, kept)  # out of place leaves the input alone
+    assert out.stride() == x.stride() or layout == 'strided'
+    assert (out.double() - ref).abs().max().item() < 2e-6
+    assert torch.allclose(out, F.gelu(x, approximate='tanh'), rtol=1e-6, atol=1e-6)
+    inplace = gelu_tanh_nograd(x, inplace=True)
+    assert inplace.data_ptr() == x.data_ptr() and torch.equal(inplace, out)
+
+
+def test_fast_nograd_gelu_is_used_only_without_autograd():
+    act = Activation('gelu')  # not in place: the block's input activation
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        y = act(x)
+    assert torch.allclose(y.double(), _tanh_gelu64(x), atol=2e-6) and y.data_ptr() != x.data_ptr()
+    xr = x.clone().requires_grad_()
+    act(xr).sum().backward()  # autograd path: ATen's GELU and its gradient
+    xd = x.double().requires_grad_()
+    _tanh_gelu64(xd).sum().backward()
+    assert torch.allclose(xr.grad.double(), xd.grad, atol=1e-5)

@@ -155,7 +155,7 @@ def test_features_only_and_forward_intermediates_agree():
         assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(final, m.forward_features(x), atol=1e-6)
     only = m.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
-    assert len(only) == 2 and torch.allclose(only[1], inter[3])
+    assert len(only) == 2 and torch.allclose(only[1], inter[3], atol=1e-5)
     kept = m.prune_intermediate_layers(indices=[0, 1, 2])
     assert kept == [0, 1, 2] and len(m.stages) == 2 and m.num_classes == 0
     assert m.forward_intermediates(x, indices=[2], intermediates_only=True)[0].shape == inter[2].shape

@@ -72,7 +72,7 @@ _INPLACE_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'identity': lambda x: x,
     'celu': lambda x: F.celu(x, inplace=True),
     'elu': lambda x: F.elu(x, inplace=True),
-    'gelu': lambda x: torch.ops.aten.gelu_(x, approximate='tanh'),
+    'gelu': lambda x: gelu_tanh_nograd(x, inplace=True),
     'leaky_relu': lambda x: F.leaky_relu(x, inplace=True),
     'relu': torch.relu_,
     'relu6': lambda x: F.relu6(x, inplace=True),
@@ -81,6 +81,45 @@ _INPLACE_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'silu': lambda x: F.silu(x, inplace=True),
     'tanh': torch.tanh_,
 }
+
+
+# Out-of-place forms for inputs autograd does not track (where they differ from _ACT_FNS).
+_NOGRAD_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'gelu': lambda x: gelu_tanh_nograd(x, inplace=False),
+}
+
+# sigmoid(2z) == (1 + tanh(z)) / 2, so tanh-GELU x/2 (1 + tanh(a (x + b x^3))) == x sigmoid(x (2a + 2ab x^2))
+_GELU_2A = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_2AB = _GELU_2A * 0.044715
+_GELU_CHUNK = 1 << 17  # floats per pass (512 KiB): each chunk's four passes stay in the core's L2
+
+
+def gelu_tanh_nograd(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """tanh-GELU (JAX's ``gelu``) for tensors autograd does not track; ``x`` is overwritten if ``inplace``.
+
+    Written by hand for CPU float32: ATen's tanh-GELU kernel spends most of its time in a
+    vectorised ``tanh`` that is ~3.5x slower than its ``sigmoid`` on AVX2 CPUs (it also runs at a
+    third of the speed of timm's erf-GELU). Evaluating ``x * sigmoid(x (2a + 2ab x^2))`` in four
+    ATen passes over cache-sized chunks is ~1.5x faster per call (F0 fused inference at 256 px:
+    ~5% end to end) and equal to ATen's result within float32 rounding (tests/test_layers.py).
+    Other devices, dtypes, non-dense layouts and code being compiled use ATen's kernel.
+    """
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    if (x.device.type != 'cpu' or x.dtype != torch.float32 or not dense or torch.compiler.is_compiling()):
+        return torch.ops.aten.gelu_(x, approximate='tanh') if inplace else F.gelu(x, approximate='tanh')
+    out = x if inplace else torch.empty_like(x)  # empty_like keeps a dense tensor's strides
+    n = x.numel()
+    flat_x = x.as_strided((n,), (1,), x.storage_offset())  # dense: memory order is a flat vector
+    flat_out = out.as_strided((n,), (1,), out.storage_offset())
+    buf = torch.empty(min(n, _GELU_CHUNK), dtype=x.dtype)
+    two_a = x.new_tensor(_GELU_2A)
+    for i in range(0, n, _GELU_CHUNK):
+        xs = flat_x[i:i + _GELU_CHUNK]
+        t = buf[:xs.numel()]
+        torch.addcmul(two_a, xs, xs, value=_GELU_2AB, out=t)  # 2a + 2ab x^2
+        t.mul_(xs).sigmoid_()
+        torch.mul(xs, t, out=flat_out[i:i + _GELU_CHUNK])
+    return out
 
 
 def get_act_fn(name: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], float]:
@@ -101,12 +140,16 @@ class Activation(nn.Module):
         super().__init__()
         self.name = name
         self.fn, _ = get_act_fn(name)
+        self.fn_nograd = _NOGRAD_FNS.get(name, self.fn)
         self.fn_ = _INPLACE_FNS.get(name) if inplace else None
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         no_grad = not (x.requires_grad and torch.is_grad_enabled())
-        y = self.fn_(x) if self.fn_ is not None and no_grad else self.fn(x)
+        if no_grad:
+            y = self.fn_(x) if self.fn_ is not None else self.fn_nograd(x)
+        else:
+            y = self.fn(x)
         if self.scale == 1.0:
             return y
         # scale in place when y is ours to overwrite (a fresh output, or an in-place result)
