@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import train_checkpoint as ckpt_io
 from .train_data import EpochSampler, build_loader
 from .train_recipe import TrainError, resolve_settings
-from .train_report import format_settings, settings_yaml, write_plot, write_summary
+from .train_report import format_settings, settings_yaml, to_plain, write_plot, write_summary
 from .train_setup import DistInfo, Run, init_distributed, prepare
 
 __all__ = ['main', 'train', 'evaluate', 'clipped_units', 'weights_fingerprint']
@@ -141,16 +141,8 @@ def _checkpoint(run: Run, state: Dict[str, Any]) -> Dict[str, Any]:
         'epoch': state['epoch'], 'step': state['step'], 'global_step': state['global_step'],
         'rng': [r['rng'] for r in ranks], 'meters': [r['meters'] for r in ranks],
         'history': list(state['history']), 'best': dict(state['best']),
-        'identity': run.identity, 'args': {k: _plainify(v) for k, v in vars(run.args).items()},
+        'identity': run.identity, 'args': {k: to_plain(v) for k, v in vars(run.args).items()},
     }
-
-
-def _plainify(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_plainify(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _plainify(x) for k, x in v.items()}
-    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
 
 
 def _save(run: Run, state: Dict[str, Any], epoch_end: bool) -> Optional[Path]:
@@ -234,6 +226,9 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
     meters, bar = state['meters'], _progress_bar(run, epoch, state['step'])
     log.bar = bar
     batches, t0, seen = iter(run.train_loader), time.time(), 0
+    # Losses are summed on the device and read back only at log and save points: a float(loss)
+    # per step would make the host wait for the GPU every step (timm syncs at log steps too).
+    pending = torch.zeros((), dtype=torch.float64, device=run.dist.device)
     for step in range(state['step'], run.steps_per_epoch):
         loss = torch.zeros((), device=run.dist.device)
         for micro in range(accum):
@@ -242,20 +237,29 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
             seen += images.shape[0]
         interval = args.agc_stats_interval
         _optimizer_step(run, state, measure=bool(interval) and step % interval == 0)
-        meters['loss_sum'] += float(loss)
+        pending += loss
         meters['steps'] += 1
         state['step'] = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{_lr(run):.3g}', refresh=False)
         if args.log_interval and (step + 1) % args.log_interval == 0:
+            _fold_loss(meters, pending)
             rate = seen * run.dist.world_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{_lr(run):.3g}', refresh=False)
             log(f'train: epoch {epoch} [{step + 1:>4}/{run.steps_per_epoch}] loss {float(loss):.4f} '
                 f'lr {_lr(run):.4g} {_clip_text(meters)}{rate:.0f} img/s')
         if args.recovery_interval and (step + 1) % args.recovery_interval == 0 and step + 1 < run.steps_per_epoch:
+            _fold_loss(meters, pending)
             _save(run, state, epoch_end=False)
+    _fold_loss(meters, pending)
     bar.close()
     log.bar = None
     return _epoch_train_metrics(run, meters)
+
+
+def _fold_loss(meters: Dict[str, float], pending: torch.Tensor) -> None:
+    """Move the device-side loss sum into the (checkpointed) meters."""
+    meters['loss_sum'] += float(pending)
+    pending.zero_()
 
 
 def _lr(run: Run) -> float:

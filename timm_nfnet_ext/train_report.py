@@ -9,19 +9,18 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 from .train_checkpoint import write_text_atomic
 
-__all__ = ['format_settings', 'settings_yaml', 'write_summary', 'write_plot', 'SUMMARY_COLUMNS']
+__all__ = ['to_plain', 'format_settings', 'settings_yaml', 'write_summary', 'write_plot', 'SUMMARY_COLUMNS']
 
 SUMMARY_COLUMNS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'clip_fraction')
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
+def to_plain(v: Any) -> Any:
+    """``v`` as YAML/JSON/checkpoint-safe values: lists, str-keyed dicts, scalars; anything else as str."""
+    if isinstance(v, (list, tuple)):
+        return [to_plain(x) for x in v]
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    return v
+        return {str(k): to_plain(x) for k, x in v.items()}
+    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
 
 
 def format_settings(settings: Mapping[str, Any], sources: Mapping[str, str], derived: Mapping[str, Any]) -> str:
@@ -29,8 +28,8 @@ def format_settings(settings: Mapping[str, Any], sources: Mapping[str, str], der
     chosen = {k: v for k, v in sorted(settings.items()) if sources.get(k, 'default') != 'default'}
     width = max([len(k) for k in list(chosen) + list(derived)] + [8])
     lines = ['settings (value  [where it comes from]):']
-    lines += [f'  {k:<{width}}  {_plain(v)!r}  [{sources[k]}]' for k, v in chosen.items()]
-    lines += [f'  {k:<{width}}  {_plain(v)!r}  [derived]' for k, v in derived.items()]
+    lines += [f'  {k:<{width}}  {to_plain(v)!r}  [{sources[k]}]' for k, v in chosen.items()]
+    lines += [f'  {k:<{width}}  {to_plain(v)!r}  [derived]' for k, v in derived.items()]
     n_default = sum(1 for k in settings if sources.get(k, 'default') == 'default')
     lines.append(f'  ... and {n_default} more at their defaults (all of them in args.yaml)')
     return '\n'.join(lines)
@@ -39,8 +38,8 @@ def format_settings(settings: Mapping[str, Any], sources: Mapping[str, str], der
 def settings_yaml(settings: Mapping[str, Any], sources: Mapping[str, str], derived: Mapping[str, Any]) -> str:
     """All resolved settings (and their sources) as YAML."""
     import yaml
-    doc = {'settings': {k: _plain(v) for k, v in sorted(settings.items())},
-           'derived': {k: _plain(v) for k, v in derived.items()},
+    doc = {'settings': {k: to_plain(v) for k, v in sorted(settings.items())},
+           'derived': {k: to_plain(v) for k, v in derived.items()},
            'sources': {k: v for k, v in sorted(sources.items()) if v != 'default'}}
     return yaml.safe_dump(doc, sort_keys=False)
 
