@@ -118,10 +118,10 @@ def build_release(
         expected_size: Optional[int] = None,
 ) -> BuildResult:
     """Fetch and check the source, build and validate the model, and write the release folder."""
-    src_path = resolve_source(src, release, cache_dir, expected_size)
-    other = resolve_source(cross_check, release, cache_dir) if cross_check else None
+    src_path, digest = resolve_source(src, release, cache_dir, expected_size)
+    other = resolve_source(cross_check, release, cache_dir)[0] if cross_check else None
     built = build_and_validate(release, src_path, reference=reference,
                                cross_check=other, cross_check_label=cross_check)
-    digest = sha256_file(src_path)
+    digest = digest or sha256_file(src_path)
     folder = write_release_folder(built, out_dir, repo_id, source_label(src, release), digest)
     return BuildResult(folder, repo_id, built, digest)

@@ -18,7 +18,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
@@ -80,8 +80,11 @@ def _copy_with_progress(response: BinaryIO, out: BinaryIO, total: Optional[int],
     return done
 
 
-def download(url: str, cache_dir: PathLike, size: Optional[int] = None, sha256: Optional[str] = None) -> Path:
-    """Download ``url`` into ``cache_dir`` (kept if already there and valid); checked, then renamed into place."""
+def download(url: str, cache_dir: PathLike, size: Optional[int] = None,
+             sha256: Optional[str] = None) -> Tuple[Path, str]:
+    """Download ``url`` into ``cache_dir`` (kept if already there and valid); checked, then renamed into place.
+
+    Returns the cached path and its sha256."""
     cache_dir = Path(cache_dir)
     name = os.path.basename(urlparse(url).path) or 'checkpoint'
     # keyed by the whole URL: two URLs ending in the same file name are different files
@@ -89,8 +92,7 @@ def download(url: str, cache_dir: PathLike, size: Optional[int] = None, sha256: 
 
     if final.is_file():
         try:
-            check_source_file(final, size, sha256)
-            return final
+            return final, check_source_file(final, size, sha256)
         except SourceError:
             pass  # a stale or damaged copy: fetch it again
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -104,9 +106,9 @@ def download(url: str, cache_dir: PathLike, size: Optional[int] = None, sha256: 
             got = _copy_with_progress(response, out, length or size, name)
         if length is not None and got != length:
             raise SourceError(f'{url}: download cut short ({got:,} of {length:,} bytes)')
-        check_source_file(tmp, size, sha256)
+        digest = check_source_file(tmp, size, sha256)
         os.replace(tmp, final)
-        return final
+        return final, digest
     except (urllib.error.URLError, OSError) as e:
         raise SourceError(f'cannot download {url}: {e}') from None
     finally:
@@ -127,11 +129,12 @@ def resolve_source(
         release: Release,
         cache_dir: Optional[PathLike] = None,
         expected_size: Optional[int] = None,
-) -> Path:
+) -> Tuple[Path, Optional[str]]:
     """Turn ``--src`` (or the manifest URL when it is None) into a checked local file.
 
     The manifest's size and sha256 (or ``expected_size``) are enforced on DeepMind-format files;
-    a safetensors copy (timm's or ours) is not the file they describe.
+    a safetensors copy (timm's or ours) is not the file they describe. Returns the path and its
+    sha256 where checking computed it (None otherwise), so a multi-GB source is read once.
     """
     size = expected_size if expected_size is not None else release.source_size
     sha = release.source_sha256 if expected_size is None else None
@@ -140,7 +143,7 @@ def resolve_source(
             raise SourceError(f'release {release.key} has no source URL: pass --src')
         src = release.source_url
     if src.startswith('hf-hub:'):
-        return _hub_file(src[len('hf-hub:'):])
+        return _hub_file(src[len('hf-hub:'):]), None
     if src.startswith(('http://', 'https://')):
         # the manifest's size/sha describe the manifest's own URL, not any other file
         described = src == release.source_url or expected_size is not None
@@ -150,5 +153,5 @@ def resolve_source(
     if not path.is_file():
         raise SourceError(f'source checkpoint not found: {path}')
     if is_deepmind_format(path) or expected_size is not None:
-        check_source_file(path, size, sha)
-    return path
+        return path, check_source_file(path, size, sha)
+    return path, None
