@@ -12,6 +12,7 @@ from timm.optim import Lamb, Lookahead, create_optimizer_v2, list_optimizers
 from torch import nn
 
 from timm_nfnet_ext import agc
+from timm_nfnet_ext.agc import clip as agc_clip
 from timm_nfnet_ext.agc import (
     AdamWAGC, LambAGC, SGDAGC, adaptive_clip_grad_, agc_param_groups, register_agc_optimizer,
     unitwise_norm, with_agc,
@@ -219,7 +220,7 @@ def test_cpu_chunking_does_not_change_results(monkeypatch):
     grads = [unit_ratios_grad(rng, p) for p in arrays]
     results = []
     for chunk in (1, 1 << 40):
-        monkeypatch.setattr(agc, 'CPU_CHUNK_BYTES', chunk)
+        monkeypatch.setattr(agc_clip, 'CPU_CHUNK_BYTES', chunk)
         params = to_params(arrays, torch.float32)
         set_grads(params, grads)
         adaptive_clip_grad_(params)
@@ -238,7 +239,7 @@ def test_batched_device_path_matches_chunked_cpu_path(monkeypatch, check):
     set_grads(a, grads)
     set_grads(b, grads)
     adaptive_clip_grad_(a, error_if_nonfinite=check)
-    monkeypatch.setattr(agc, '_immediate', lambda device: False)
+    monkeypatch.setattr(agc_clip, '_immediate', lambda device: False)
     adaptive_clip_grad_(b, error_if_nonfinite=check)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=0)
@@ -317,7 +318,7 @@ def test_sgdagc_matches_numpy_reference_over_steps(dtype, rtol, foreach):
 
 @pytest.mark.parametrize('chunk_bytes,foreach', [(1, True), (1, False), (1 << 40, True)])
 def test_sgdagc_is_clip_then_torch_sgd_bit_exact(monkeypatch, chunk_bytes, foreach):
-    monkeypatch.setattr(agc, 'CPU_CHUNK_BYTES', chunk_bytes)  # chunked updates on CPU
+    monkeypatch.setattr(agc_clip, 'CPU_CHUNK_BYTES', chunk_bytes)  # chunked updates on CPU
     rng = np.random.default_rng(6)
     arrays = list(np_params(rng).values()) * 2
     a, b = to_params(arrays, torch.float32), to_params(arrays, torch.float32)

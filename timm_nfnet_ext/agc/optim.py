@@ -1,0 +1,231 @@
+"""Optimizers that clip inside ``step()``: ``AGCMixin``, ``SGDAGC`` (the reference ``SGD_AGC``),
+``AdamWAGC``, ``LambAGC`` and ``with_agc`` for any optimizer class."""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Type
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.sgd import sgd as torch_sgd
+
+from timm.optim import Lamb
+
+from .clip import (
+    OnChunk, _agc_, _check_clipping, _check_nonfinite, _check_positive, _group_by, _immediate, _with_dense_grads,
+)
+
+# --------------------------------------------------------------------------- optimizers
+
+def _parent_step(optimizer: Optimizer, cls: type) -> Callable[[], Any]:
+    """The next class's ``step`` after ``cls`` in the MRO, bound, without torch's hook wrapper.
+
+    torch wraps a class's ``step`` (hooks, profiling) when it is first instantiated; going
+    through that wrapper again from our own (wrapped) ``step`` would run hooks twice.
+    """
+    func = getattr(super(cls, optimizer).step, '__func__')
+    if getattr(func, 'hooked', False):
+        func = func.__wrapped__
+    return functools.partial(func, optimizer)
+
+
+class AGCMixin:
+    """Adds AGC to an optimizer class: ``class MyOptAGC(AGCMixin, MyOpt): pass``.
+
+    ``step()`` clips the gradients of every parameter group whose ``clipping`` is not
+    ``None`` (each group may set its own ``clipping`` and ``agc_eps``), then runs the
+    base optimizer's step, so AGC comes before weight decay and momentum. Because
+    clipping happens inside ``step()``, ``GradScaler.step(opt)`` unscales first and
+    clipping sees true gradients; accumulated gradients are clipped once per step.
+
+    Non-finite gradients (inf/NaN in any parameter with a gradient, clipped or not)
+    are caught before any parameter or state is modified (one host sync per step on
+    CUDA):
+    ``nonfinite='raise'`` raises ``FloatingPointError``; ``'skip'`` skips the step,
+    leaving parameters and optimizer state untouched, warns, and counts it in
+    ``skipped_steps``. Under ``GradScaler`` such steps never reach ``step()``.
+
+    Keyword args added to the base class's: ``clipping`` (default 0.01; > 0, or None
+    to clip no group unless it sets its own), ``agc_eps`` (default 1e-3, > 0; named
+    so as not to clash with Adam's ``eps``), ``nonfinite`` ('raise' or 'skip').
+    """
+
+    def __init__(self, params: Any, *args: Any, clipping: Optional[float] = 0.01,
+                 agc_eps: float = 1e-3, nonfinite: str = 'raise', **kwargs: Any) -> None:
+        self._agc_defaults = {
+            'clipping': _check_clipping(clipping),
+            'agc_eps': _check_positive('agc_eps', agc_eps),
+        }
+        self.nonfinite = _check_nonfinite(nonfinite)
+        self.skipped_steps = 0
+        super().__init__(params, *args, **kwargs)
+        self.defaults.update(self._agc_defaults)
+        # Fused torch optimizers let GradScaler skip unscaling; AGC must see unscaled grads.
+        self._step_supports_amp_scaling = False
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group; it may set ``clipping`` (> 0 or None) and ``agc_eps`` (> 0)."""
+        for key, value in self._agc_defaults.items():
+            param_group.setdefault(key, value)
+        _validate_group(param_group)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        defaults = getattr(self, '_agc_defaults', None) or self.defaults
+        for group in self.param_groups:  # state dicts saved without AGC
+            group.setdefault('clipping', defaults.get('clipping', 0.01))
+            group.setdefault('agc_eps', defaults.get('agc_eps', 1e-3))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Evaluate ``closure`` (if given), clip gradients, then take the base step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._clip_or_skip():
+            _parent_step(self, AGCMixin)()
+        return loss
+
+    def _clip_or_skip(self, on_chunk: OnChunk = None) -> bool:
+        """Clip in place; False when the step must be skipped (non-finite gradient).
+        ``on_chunk``: see :func:`_agc_` (runs only once every gradient is known finite)."""
+        params, clips, epss, unclipped = [], [], [], []
+        for group in self.param_groups:
+            with_grad = _with_dense_grads(group['params'])
+            if group['clipping'] is None:
+                unclipped.extend(p.grad for p in with_grad)
+                continue
+            params += with_grad
+            clips += [group['clipping']] * len(with_grad)
+            epss += [group['agc_eps']] * len(with_grad)
+        bad = _agc_(params, clips, epss, check_finite=True, check_only=unclipped,
+                    on_chunk=on_chunk)
+        if bad is None:
+            return True
+        where = self._locate(bad)
+        if self.nonfinite == 'raise':
+            raise FloatingPointError(
+                f'{type(self).__name__}: the gradient of {where} holds inf or NaN; the step was '
+                "not taken. Use torch.amp.GradScaler for fp16, or nonfinite='skip' to skip "
+                'such steps.')
+        self.skipped_steps += 1
+        warnings.warn(f'{type(self).__name__}: skipped a step, the gradient of {where} holds '
+                      'inf or NaN', RuntimeWarning, stacklevel=3)
+        return False
+
+    def _locate(self, grad: Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group['params']):
+                if p.grad is grad:
+                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+        return 'a parameter'
+
+
+def _validate_group(group: Dict[str, Any]) -> None:
+    """Check a group's AGC settings and store them as floats (an int ``agc_eps`` would break the step)."""
+    group['clipping'] = _check_clipping(group['clipping'], where="a param group's clipping")
+    group['agc_eps'] = _check_positive("a param group's agc_eps", group['agc_eps'])
+
+
+class SGDAGC(AGCMixin, torch.optim.SGD):
+    """The reference ``SGD_AGC``: clip, add weight decay, then Nesterov momentum SGD.
+
+    Per parameter: ``g = agc(g) + weight_decay * p``; ``buf = momentum * buf + g``;
+    ``p -= lr * (g + momentum * buf)`` -- exactly ``torch.optim.SGD`` with
+    ``nesterov=True, dampening=0`` after AGC (whose defaults this class takes), so
+    ``foreach``/``fused`` work as in torch. See :class:`AGCMixin` for the AGC arguments.
+
+    On CPU the update runs chunk by chunk right after each chunk is clipped (torch's own
+    functional ``torch.optim.sgd.sgd``, so the result is bit-identical to clipping and
+    then calling ``torch.optim.SGD.step``), while the chunk is still in cache.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = True,
+                 *, clipping: Optional[float] = 0.01, agc_eps: float = 1e-3,
+                 nonfinite: str = 'raise', **kwargs: Any) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, clipping=clipping,
+                         agc_eps=agc_eps, nonfinite=nonfinite, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Evaluate ``closure`` (if given), clip gradients, then the SGD update."""
+        if not self._chunked_update_ok():
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group_of = {id(p): g for g in self.param_groups for p in g['params']}
+        done: set = set()
+
+        def update(params: List[Tensor]) -> None:
+            for group, ps in _group_by(params, lambda p: id(group_of[id(p)])).items():
+                self._sgd_update(group_of[id(ps[0])], ps)
+            done.update(id(p) for p in params)
+
+        if self._clip_or_skip(on_chunk=update):
+            update([p for g in self.param_groups for p in g['params']
+                    if p.grad is not None and id(p) not in done])  # unclipped groups
+        return loss
+
+    def _chunked_update_ok(self) -> bool:
+        """Chunked updates on CPU only, and not with torch's fused or differentiable SGD."""
+        return all(_immediate(p.device) and not g.get('fused') and not g.get('differentiable')
+                   for g in self.param_groups for p in g['params'])
+
+    def _sgd_update(self, group: Dict[str, Any], params: List[Tensor]) -> None:
+        """``torch.optim.SGD.step`` for ``params`` of ``group``, via torch's functional."""
+        uses_momentum = group['momentum'] != 0
+        bufs = [self.state[p].get('momentum_buffer') if uses_momentum else None for p in params]
+        torch_sgd(
+            params, [p.grad for p in params], bufs, foreach=group['foreach'],
+            weight_decay=group['weight_decay'], momentum=group['momentum'], lr=group['lr'],
+            dampening=group['dampening'], nesterov=group['nesterov'], maximize=group['maximize'])
+        if uses_momentum:
+            for p, buf in zip(params, bufs):
+                self.state[p]['momentum_buffer'] = buf
+
+
+class AdamWAGC(AGCMixin, torch.optim.AdamW):
+    """``torch.optim.AdamW`` with AGC before the update (see :class:`AGCMixin`)."""
+
+
+class LambAGC(AGCMixin, Lamb):
+    """timm's ``Lamb`` with AGC before the update (see :class:`AGCMixin`).
+
+    Lamb's own global-norm clipping (``max_grad_norm``, default 1.0) still runs after
+    AGC; pass ``max_grad_norm=None`` to use AGC alone.
+    """
+
+
+_AGC_CLASSES: Dict[type, type] = {torch.optim.AdamW: AdamWAGC, Lamb: LambAGC}
+
+
+def with_agc(optimizer_cls: Type[Optimizer]) -> Type[Optimizer]:
+    """An AGC subclass of ``optimizer_cls`` (same arguments plus those of :class:`AGCMixin`).
+
+    Works for any ``torch.optim.Optimizer`` subclass whose ``step`` reads ``p.grad``;
+    repeated calls return the same class. Example::
+
+        LionAGC = with_agc(timm.optim.Lion)
+        opt = LionAGC(agc_param_groups(model), lr=1e-4, clipping=0.01)
+    """
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
+        raise TypeError(f'with_agc needs a torch.optim.Optimizer subclass, got {optimizer_cls!r}')
+    if issubclass(optimizer_cls, AGCMixin):
+        return optimizer_cls
+    if optimizer_cls not in _AGC_CLASSES:
+        name = f'{optimizer_cls.__name__}AGC'
+        if name in globals():  # e.g. SGD: SGDAGC has the reference's defaults, not SGD's
+            name = f'{optimizer_cls.__name__}WithAGC'
+        _AGC_CLASSES[optimizer_cls] = type(name, (AGCMixin, optimizer_cls), {
+            '__doc__': f'{optimizer_cls.__name__} with adaptive gradient clipping (AGCMixin).',
+            '__module__': __name__,
+        })
+    return _AGC_CLASSES[optimizer_cls]
