@@ -216,6 +216,32 @@ def test_torch_compile_fullgraph():
         assert torch.allclose(compiled(x), m(x), atol=1e-6)
 
 
+def test_compiled_cpu_gelu_is_the_sigmoid_form_with_the_same_values_and_gradients():
+    from timm_nfnet_ext import layers
+    traced = []
+    real = layers._gelu_tanh_sigmoid
+
+    def spy(x):
+        traced.append(x.shape)
+        return real(x)
+    m = tiny_model().eval()  # eval: no random stochastic depth; autograd still runs through the params
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layers, '_gelu_tanh_sigmoid', spy)
+        # aot_eager: dynamo + AOTAutograd's backward graph, without needing a C++ compiler
+        compiled = torch.compile(m, backend='aot_eager', fullgraph=True)
+        out_c = compiled(x)
+    assert traced, 'the sigmoid form was not traced'
+    out_c.square().sum().backward()
+    grads_c = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    out_e = m(x)  # eager: ATen's tanh-GELU
+    out_e.square().sum().backward()
+    assert torch.allclose(out_c, out_e, atol=1e-5)
+    for gc, p in zip(grads_c, m.parameters()):
+        assert torch.allclose(gc, p.grad, rtol=1e-3, atol=1e-5)
+
+
 def test_reparameterize_fuses_every_ws_conv():
     from timm_nfnet_ext.layers import WSConv2d
     m = tiny_model().eval()

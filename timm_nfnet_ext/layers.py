@@ -53,7 +53,7 @@ _ACT_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'identity': lambda x: x,
     'celu': F.celu,
     'elu': F.elu,
-    'gelu': lambda x: F.gelu(x, approximate='tanh'),
+    'gelu': lambda x: gelu_tanh(x),
     'leaky_relu': F.leaky_relu,
     'log_sigmoid': F.logsigmoid,
     'log_softmax': lambda x: F.log_softmax(x, dim=1),
@@ -94,6 +94,24 @@ _GELU_2AB = _GELU_2A * 0.044715
 _GELU_CHUNK = 1 << 17  # floats per pass (512 KiB): each chunk's four passes stay in the core's L2
 
 
+def _gelu_tanh_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x * (_GELU_2A + _GELU_2AB * x * x))
+
+
+def _compiling_for_cpu(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() and x.device.type == 'cpu'
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh-GELU (JAX's ``gelu``), differentiable.
+
+    ATen's kernel, except while ``torch.compile`` traces for a CPU: there the sigmoid form is
+    given to inductor, whose fused loop then runs on ``exp`` rather than the ~3.5x slower
+    vectorised ``tanh`` (F0 compiled inference, batch 8, 256 px: ~12% faster end to end).
+    """
+    return _gelu_tanh_sigmoid(x) if _compiling_for_cpu(x) else F.gelu(x, approximate='tanh')
+
+
 def gelu_tanh_nograd(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """tanh-GELU (JAX's ``gelu``) for tensors autograd does not track; ``x`` is overwritten if ``inplace``.
 
@@ -102,10 +120,13 @@ def gelu_tanh_nograd(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     third of the speed of timm's erf-GELU). Evaluating ``x * sigmoid(x (2a + 2ab x^2))`` in four
     ATen passes over cache-sized chunks is ~1.5x faster per call (F0 fused inference at 256 px:
     ~5% end to end) and equal to ATen's result within float32 rounding (tests/test_layers.py).
-    Other devices, dtypes, non-dense layouts and code being compiled use ATen's kernel.
+    Compiled code gets ``gelu_tanh``'s choice; other devices, dtypes and non-dense layouts use
+    ATen's kernel.
     """
+    if torch.compiler.is_compiling():
+        return gelu_tanh(x)
     dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    if (x.device.type != 'cpu' or x.dtype != torch.float32 or not dense or torch.compiler.is_compiling()):
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or not dense:
         return torch.ops.aten.gelu_(x, approximate='tanh') if inplace else F.gelu(x, approximate='tanh')
     out = x if inplace else torch.empty_like(x)  # empty_like keeps a dense tensor's strides
     n = x.numel()
