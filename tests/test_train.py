@@ -147,6 +147,14 @@ def test_two_ranks_split_each_global_batch_of_one_process():
         assert sorted(one_list[8 * b:8 * b + 8]) == sorted(r0[4 * b:4 * b + 4] + r1[4 * b:4 * b + 4])
 
 
+def test_evaluation_order_is_every_index_once_over_ranks_unseeded():
+    ranks = [EpochSampler(10, 4, rank=r, world_size=3, shuffle=False) for r in range(3)]
+    lists = [list(s) for s in ranks]
+    assert all(type(i) is int for part in lists for i in part)  # no augmentation seed to draw
+    assert sorted(sum(lists, [])) == list(range(10))
+    assert [len(s) for s in ranks] == [len(part) for part in lists] == [4, 3, 3]
+
+
 def test_augmentation_does_not_depend_on_loader_workers(digits_dir):
     from timm_nfnet_ext.train_data import build_datasets, build_loader
     batches = {}

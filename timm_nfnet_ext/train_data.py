@@ -13,7 +13,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -99,7 +99,10 @@ def _isolated_rng(seed: int) -> Iterator[None]:
 
 
 class SeededDataset(Dataset):
-    """Wraps a map-style dataset; ``ds[(index, seed)]`` draws the item's augmentation from ``seed``."""
+    """Wraps a map-style dataset; ``ds[(index, seed)]`` draws the item's augmentation from ``seed``.
+
+    A plain ``ds[index]`` (evaluation: deterministic transforms) skips the RNG seeding.
+    """
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -107,14 +110,17 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: Tuple[int, int]) -> Any:
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Any:
+        if isinstance(key, int):
+            return self.dataset[key]
         index, seed = key
         with _isolated_rng(seed):
             return self.dataset[index]
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, seed)`` for one rank: a resumable, distributed epoch order.
+    """Yields ``(index, seed)`` (training) or ``index`` (evaluation) for one rank: a resumable,
+    distributed epoch order.
 
     Training: the epoch permutation comes from ``(seed, epoch)``; it is cut into global
     micro-batches of ``batch_size * world_size`` (the incomplete tail is dropped, then the
@@ -150,7 +156,10 @@ class EpochSampler(Sampler):
             out += chunk[self.rank * b:(self.rank + 1) * b]
         return out
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def __iter__(self) -> Iterator[Union[int, Tuple[int, int]]]:
+        if not self.shuffle:  # evaluation: no augmentation to seed
+            yield from self._indices()
+            return
         for i in self._indices():
             yield i, sample_seed(self.seed, self.epoch, i)
 
