@@ -27,7 +27,7 @@ import torch
 import timm
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
-from timm_nfnet_ext import agc
+from timm_nfnet_ext.agc import clip as agc_clip
 from timm_nfnet_ext.agc import SGDAGC, adaptive_clip_grad_
 
 CLIPPING = 0.01
@@ -149,13 +149,13 @@ def main(argv=None) -> int:
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave)')
     ap.add_argument('--cpu-chunk-mb', type=float, default=0,
-                    help='override timm_nfnet_ext.agc.CPU_CHUNK_BYTES (MiB; 0: keep)')
+                    help='override timm_nfnet_ext.agc.clip.CPU_CHUNK_BYTES (MiB; 0: keep)')
     ap.add_argument('--json', default='', help='also write the results to this path')
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_chunk_mb:
-        agc.CPU_CHUNK_BYTES = int(args.cpu_chunk_mb * 2 ** 20)
+        agc_clip.CPU_CHUNK_BYTES = int(args.cpu_chunk_mb * 2 ** 20)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         ap.error('--device cuda but CUDA is not available')
     scenarios = [s.strip() for s in args.scenarios.split(',') if s.strip()]
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         meta = dict(device=args.device, device_name=dev_name, dtype=args.dtype,
                     tensors=len(params), params=n_params, repeats=args.repeats,
                     torch=torch.__version__, timm=timm.__version__,
-                    threads=torch.get_num_threads(), cpu_chunk_bytes=agc.CPU_CHUNK_BYTES)
+                    threads=torch.get_num_threads(), cpu_chunk_bytes=agc_clip.CPU_CHUNK_BYTES)
         with open(args.json, 'w') as f:
             json.dump({'meta': meta, 'results': results}, f, indent=2)
     return 0

@@ -114,3 +114,20 @@ def test_fast_nograd_gelu_is_used_only_without_autograd():
     xd = x.double().requires_grad_()
     _tanh_gelu64(xd).sum().backward()
     assert torch.allclose(xr.grad.double(), xd.grad, atol=1e-5)
+
+
+def test_gelu_under_vmap_forward_ad_and_tracked_inputs_falls_back_to_aten():
+    import torch.autograd.forward_ad as fwAD
+    from timm_nfnet_ext.layers import gelu_tanh_nograd
+    act = Activation('gelu')
+    x, v = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    ref = F.gelu(x, approximate='tanh')
+    assert torch.allclose(torch.func.vmap(act)(x), ref, atol=1e-6)  # functorch-wrapped: no out= ops
+    out, tangent = torch.func.jvp(act, (x,), (v,))
+    assert torch.allclose(out, ref, atol=1e-6)
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(act(fwAD.make_dual(x, v)))
+    assert torch.allclose(dual.tangent, tangent, atol=1e-6)
+    tracked = x.clone().requires_grad_()
+    y = gelu_tanh_nograd(tracked, inplace=True)  # autograd needs the input: neither out= nor in place
+    assert y.requires_grad and torch.equal(tracked.detach(), x)

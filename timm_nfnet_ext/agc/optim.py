@@ -14,8 +14,9 @@ from torch.optim.sgd import sgd as torch_sgd
 from timm.optim import Lamb
 
 from .clip import (
-    OnChunk, _agc_, _check_clipping, _check_nonfinite, _check_positive, _group_by, _immediate, _with_dense_grads,
+    OnChunk, _agc_, _check_clipping, _check_nonfinite, _check_positive, _group_by, _with_dense_grads,
 )
+from . import clip as _clip
 
 # --------------------------------------------------------------------------- optimizers
 
@@ -176,7 +177,7 @@ class SGDAGC(AGCMixin, torch.optim.SGD):
 
     def _chunked_update_ok(self) -> bool:
         """Chunked updates on CPU only, and not with torch's fused or differentiable SGD."""
-        return all(_immediate(p.device) and not g.get('fused') and not g.get('differentiable')
+        return all(_clip._immediate(p.device) and not g.get('fused') and not g.get('differentiable')
                    for g in self.param_groups for p in g['params'])
 
     def _sgd_update(self, group: Dict[str, Any], params: List[Tensor]) -> None:
