@@ -1,6 +1,7 @@
 """Where a training step's time goes: forward+backward and optimizer step, ours vs timm, per variant.
 
     python benchmarks/profile_step.py --device cuda --amp bf16 --batch 64 --px 192
+    python benchmarks/profile_step.py --device cpu --batch 8 --px 192 --repeats 3   # fp32 on CPU
 
 Times forward+backward alone for timm's ``dm_nfnet_*`` and for this package's model with
 each weight-standardisation variant (``shipped``: what ``standardize_weight`` picks for the
@@ -59,13 +60,16 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--model', default='nfnet_f0')
     p.add_argument('--device', default='cuda')
-    p.add_argument('--amp', default='bf16')
+    p.add_argument('--amp', default=None, choices=['bf16', 'none'],
+                   help='autocast dtype (default: bf16 on CUDA; none on CPU, where bf16 convs are emulated and slow)')
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--px', type=int, default=192)
     p.add_argument('--repeats', type=int, default=10)
     p.add_argument('--top', type=int, default=12)
     args = p.parse_args()
     dev = args.device
+    if args.amp is None:
+        args.amp = 'bf16' if dev == 'cuda' else 'none'
     x = torch.randn(args.batch, 3, args.px, args.px, device=dev)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
     models = {'timm': timm.create_model('dm_' + args.model).to(dev).train(),
@@ -80,11 +84,12 @@ def main():
         return f
 
     print(f'{args.model} b{args.batch} {args.px}px {dev} {args.amp}')
-    print(f'fwd+bwd timm               {timed(fwd_bwd(models["timm"]), dev, repeats=args.repeats):8.2f} ms')
+    print(f'fwd+bwd timm               {timed(fwd_bwd(models["timm"]), dev, repeats=args.repeats):8.2f} ms', flush=True)
     for name, fn in VARIANTS.items():
         orig = layers.WSConv2d.standardized_weight
         layers.WSConv2d.standardized_weight = lambda self, fn=fn: fn(self.weight, self.gain, self.input_scale, self.eps)
-        print(f'fwd+bwd ours, WS {name:<9} {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms')
+        print(f'fwd+bwd ours, WS {name:<9} {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
+              flush=True)
         layers.WSConv2d.standardized_weight = orig
 
     from timm.utils.agc import adaptive_clip_grad
