@@ -179,6 +179,13 @@ def test_pretrained_load_adapts_in_chans_and_num_classes(tmp_path):
     headless = timm.create_model('nfnet_f0', pretrained=True, pretrained_cfg_overlay=dict(file=file, num_classes=10),
                                  **dict(base, num_classes=0))
     assert torch.equal(headless.stages[1][1].conv1b.weight, src.stages[1][1].conv1b.weight)
+    # the DeepMind file itself into a headless model (its classifier is left out, like timm's)
+    no_head = tmp_path / 'no_head'
+    assert convert.main([str(FIXTURES / name / 'params.pkl'), '-o', str(no_head), '--model', 'nfnet_f0',
+                         '--model-kwargs', __import__('json').dumps(dict(kwargs, num_classes=0))]) == 0
+    converted = timm.create_model('nfnet_f0', pretrained=True, **dict(kwargs, num_classes=0),
+                                  pretrained_cfg_overlay=dict(file=str(no_head / 'model.safetensors')))
+    assert torch.equal(converted.stages[1][1].conv1b.weight, src.stages[1][1].conv1b.weight)
 
 
 def test_converter_errors(tmp_path, capsys):
