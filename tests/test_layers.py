@@ -84,7 +84,7 @@ def _tanh_gelu64(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize('layout', ['contiguous', 'channels_last', 'strided'])
 def test_fast_nograd_gelu_matches_the_tanh_form(layout):
-    from timm_nfnet_ext.layers import _GELU_CHUNK, gelu_tanh_nograd
+    from timm_nfnet_ext.layers import _GELU_CHUNK, gelu_tanh
     # more elements than one chunk, and not a multiple of it; values far into both tails
     x = torch.randn(3, 37, 61, 41) * 4
     assert x.numel() > _GELU_CHUNK and x.numel() % _GELU_CHUNK
@@ -94,12 +94,12 @@ def test_fast_nograd_gelu_matches_the_tanh_form(layout):
         x = x[:, ::2]  # not dense: ATen's kernel
     ref = _tanh_gelu64(x)
     kept = x.clone()
-    out = gelu_tanh_nograd(x)
+    out = gelu_tanh(x)
     assert torch.equal(x, kept)  # out of place leaves the input alone
     assert out.stride() == x.stride() or layout == 'strided'
     assert (out.double() - ref).abs().max().item() < 2e-6
     assert torch.allclose(out, F.gelu(x, approximate='tanh'), rtol=1e-6, atol=1e-6)
-    inplace = gelu_tanh_nograd(x, inplace=True)
+    inplace = gelu_tanh(x, inplace=True)
     assert inplace.data_ptr() == x.data_ptr() and torch.equal(inplace, out)
 
 
@@ -118,7 +118,7 @@ def test_fast_nograd_gelu_is_used_only_without_autograd():
 
 def test_gelu_under_vmap_forward_ad_and_tracked_inputs_falls_back_to_aten():
     import torch.autograd.forward_ad as fwAD
-    from timm_nfnet_ext.layers import gelu_tanh_nograd
+    from timm_nfnet_ext.layers import gelu_tanh
     act = Activation('gelu')
     x, v = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     ref = F.gelu(x, approximate='tanh')
@@ -129,5 +129,5 @@ def test_gelu_under_vmap_forward_ad_and_tracked_inputs_falls_back_to_aten():
         dual = fwAD.unpack_dual(act(fwAD.make_dual(x, v)))
     assert torch.allclose(dual.tangent, tangent, atol=1e-6)
     tracked = x.clone().requires_grad_()
-    y = gelu_tanh_nograd(tracked, inplace=True)  # autograd needs the input: neither out= nor in place
+    y = gelu_tanh(tracked, inplace=True)  # autograd needs the input: neither out= nor in place
     assert y.requires_grad and torch.equal(tracked.detach(), x)

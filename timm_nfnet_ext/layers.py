@@ -72,7 +72,7 @@ _INPLACE_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'identity': lambda x: x,
     'celu': lambda x: F.celu(x, inplace=True),
     'elu': lambda x: F.elu(x, inplace=True),
-    'gelu': lambda x: gelu_tanh_nograd(x, inplace=True),
+    'gelu': lambda x: gelu_tanh(x, inplace=True),
     'leaky_relu': lambda x: F.leaky_relu(x, inplace=True),
     'relu': torch.relu_,
     'relu6': lambda x: F.relu6(x, inplace=True),
@@ -82,11 +82,6 @@ _INPLACE_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'tanh': torch.tanh_,
 }
 
-
-# Out-of-place forms for inputs autograd does not track (where they differ from _ACT_FNS).
-_NOGRAD_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    'gelu': lambda x: gelu_tanh_nograd(x, inplace=False),
-}
 
 # sigmoid(2z) == (1 + tanh(z)) / 2, so tanh-GELU x/2 (1 + tanh(a (x + b x^3))) == x sigmoid(x (2a + 2ab x^2))
 _GELU_2A = 2.0 * math.sqrt(2.0 / math.pi)
@@ -98,16 +93,8 @@ def _gelu_tanh_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x * (_GELU_2A + _GELU_2AB * x * x))
 
 
-def _is_compiling() -> bool:
-    # torch.compiler.is_compiling arrived in torch 2.3; older releases only have dynamo's
-    fn = getattr(getattr(torch, 'compiler', None), 'is_compiling', None) or torch._dynamo.is_compiling
-    return fn()
-
-
-def _compiling_for_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == 'cpu' and _is_compiling()
-
-
+# torch.compiler.is_compiling arrived in torch 2.3; older releases only have dynamo's
+_is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None) or torch._dynamo.is_compiling
 _is_functorch_wrapped = getattr(getattr(torch._C, '_functorch', None), 'is_functorch_wrapped_tensor',
                                 lambda x: False)
 
@@ -122,29 +109,22 @@ def _plain_cpu_float32(x: torch.Tensor) -> bool:
     return torch.autograd.forward_ad.unpack_dual(x).tangent is None
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU (JAX's ``gelu``), differentiable.
+def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """tanh-GELU (JAX's ``gelu``); ``x`` is overwritten if ``inplace`` and autograd does not need it.
 
-    ATen's kernel, except while ``torch.compile`` traces for a CPU: there the sigmoid form is
-    given to inductor, whose fused loop then runs on ``exp`` rather than the ~3.5x slower
-    vectorised ``tanh`` (F0 compiled inference, batch 8, 256 px: ~12% faster end to end).
-    """
-    return _gelu_tanh_sigmoid(x) if _compiling_for_cpu(x) else F.gelu(x, approximate='tanh')
-
-
-def gelu_tanh_nograd(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """tanh-GELU (JAX's ``gelu``) for tensors autograd does not track; ``x`` is overwritten if ``inplace``.
-
-    Written by hand for CPU float32: ATen's tanh-GELU kernel spends most of its time in a
-    vectorised ``tanh`` that is ~3.5x slower than its ``sigmoid`` on AVX2 CPUs (it also runs at a
-    third of the speed of timm's erf-GELU). Evaluating ``x * sigmoid(x (2a + 2ab x^2))`` in four
-    ATen passes over cache-sized chunks is ~1.5x faster per call (F0 fused inference at 256 px:
-    ~5% end to end) and equal to ATen's result within float32 rounding (tests/test_layers.py).
-    Compiled code gets ``gelu_tanh``'s choice; other devices and dtypes, non-dense layouts,
-    tensors autograd does track, and functorch / forward-AD tensors use ATen's kernel.
+    Written by hand for CPU float32, because ATen's tanh-GELU kernel spends most of its time in a
+    vectorised ``tanh`` that is ~3.5x slower than its ``sigmoid`` on AVX2 CPUs (a third of the
+    speed of timm's erf-GELU). The same function is ``x * sigmoid(x (2a + 2ab x^2))``:
+    - without autograd, it is evaluated in four ATen passes over cache-sized chunks: ~1.5x faster
+      per call (F0 fused inference at 256 px: 3-8% end to end), equal to ATen's result within
+      float32 rounding (tests/test_layers.py);
+    - while ``torch.compile`` traces for a CPU, that form is given to inductor, whose fused loop
+      then runs on ``exp`` (F0 compiled inference, batch 8, 256 px: ~12% faster end to end).
+    Everything else (autograd, other devices and dtypes, non-dense layouts, functorch and
+    forward-AD tensors) uses ATen's kernel.
     """
     if _is_compiling():
-        return gelu_tanh(x)
+        return _gelu_tanh_sigmoid(x) if x.device.type == 'cpu' else F.gelu(x, approximate='tanh')
     dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
     if not (dense and _plain_cpu_float32(x)):
         if inplace and not (x.requires_grad and torch.is_grad_enabled()):
@@ -183,16 +163,12 @@ class Activation(nn.Module):
         super().__init__()
         self.name = name
         self.fn, _ = get_act_fn(name)
-        self.fn_nograd = _NOGRAD_FNS.get(name, self.fn)
         self.fn_ = _INPLACE_FNS.get(name) if inplace else None
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         no_grad = not (x.requires_grad and torch.is_grad_enabled())
-        if no_grad:
-            y = self.fn_(x) if self.fn_ is not None else self.fn_nograd(x)
-        else:
-            y = self.fn(x)
+        y = self.fn_(x) if self.fn_ is not None and no_grad else self.fn(x)
         if self.scale == 1.0:
             return y
         # scale in place when y is ours to overwrite (a fresh output, or an in-place result)
