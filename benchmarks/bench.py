@@ -39,34 +39,29 @@ from timm_nfnet_ext.checkpoint import checkpoint_filter_fn
 # --- models -------------------------------------------------------------------------------------
 def build_pair(model_name: str, device: str) -> tuple:
     """timm's dm_ port with random weights, and ours holding exactly the same weights."""
-    torch.manual_seed(0)
-    theirs = timm.create_model('dm_' + model_name).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.ndim == 0:
-                p.fill_(0.3)  # non-zero skip gains so every residual branch counts
+    theirs = _random_model('dm_' + model_name).eval()
     ours = timm.create_model(model_name).eval()
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours))
     return theirs.to(device), ours.to(device)
 
 
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of the convs and linears for one forward of ``x``."""
-    total = [0]
-
-    def hook(mod, inp, out):
-        if isinstance(mod, nn.Conv2d):
-            kh, kw = mod.kernel_size
-            total[0] += out.numel() * (mod.in_channels // mod.groups) * kh * kw
-        elif isinstance(mod, nn.Linear):
-            total[0] += out.numel() * mod.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+def _random_model(name: str) -> nn.Module:
+    """Seeded random weights, with non-zero skip gains so every residual branch counts."""
+    torch.manual_seed(0)
+    model = timm.create_model(name)
     with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return total[0]
+        for p in model.parameters():
+            if p.ndim == 0:
+                p.fill_(0.3)
+    return model
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-accumulate) of the convs and matmuls for one forward of ``x``."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    return counter.get_total_flops() * x.shape[0]
 
 
 # --- timing -------------------------------------------------------------------------------------
@@ -119,7 +114,7 @@ def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
         x = a.reshape(1, n, n // 64, 64).contiguous(memory_format=torch.channels_last)  # (n/64*64) x n pixels
         w = b.reshape(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
         for fn in (lambda: torch.mm(a, b), lambda: torch.nn.functional.conv2d(x, w)):
-            t = min(statistics.median(time_pair(fn, None, device, warmup=2, repeats=3)[0]) for _ in range(2))
+            t = min(time_fn(fn, device, warmup=2, repeats=3) for _ in range(2))
             best = max(best, 2 * n ** 3 / t / 1e9)
     return best
 
@@ -130,7 +125,7 @@ def autocast(device: str, amp: Optional[str]):
     return torch.autocast(device_type=device, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[amp])
 
 
-def compile_model(model: nn.Module, device: str) -> nn.Module:
+def compile_model(model: nn.Module) -> nn.Module:
     """Both sides get the same settings: inductor, static shapes, frozen weights."""
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
@@ -150,7 +145,7 @@ def bench_inference(args, theirs, ours, peak: float) -> List[Dict]:
     for size in args.sizes:
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, size, size, device=args.device)
-            macs = count_macs(fused, x)
+            flops = count_flops(fused, x)
             with torch.no_grad(), autocast(args.device, args.amp):
                 ref = ours(x).float()
                 for label, (a, b) in variants.items():
@@ -158,21 +153,21 @@ def bench_inference(args, theirs, ours, peak: float) -> List[Dict]:
                     if label != 'eager':  # every fast path must match our own eager outputs
                         err = (b(xi).float() - ref).abs().max().item()
                         assert err <= args.tol, f'{label}: differs from eager by {err:.2e}'
-                    rows.append(_row(f'infer {label}', batch, size, a, b, xi, args, macs, peak))
+                    rows.append(_row(f'infer {label}', batch, size, a, b, xi, args, flops, peak))
                 if args.compile:
-                    ca, cb = compile_model(theirs, args.device), compile_model(fused, args.device)
+                    ca, cb = compile_model(theirs), compile_model(fused)
                     err = (cb(x).float() - ref).abs().max().item()
                     assert err <= args.tol, f'compiled: differs from eager by {err:.2e}'
-                    rows.append(_row('infer compiled, ours fused', batch, size, ca, cb, x, args, macs, peak))
+                    rows.append(_row('infer compiled, ours fused', batch, size, ca, cb, x, args, flops, peak))
                     torch._dynamo.reset()
     return rows
 
 
-def _row(label, batch, size, theirs, ours, x, args, macs, peak) -> Dict:
+def _row(label, batch, size, theirs, ours, x, args, flops, peak) -> Dict:
     ts_timm, ts_ours = time_pair(lambda: theirs(x), lambda: ours(x), args.device, args.warmup, args.repeats,
                                  args.min_time)
     t_timm, t_ours = statistics.median(ts_timm), statistics.median(ts_ours)
-    gflops = 2 * macs / t_ours / 1e9
+    gflops = flops / t_ours / 1e9
     row = dict(case=label, batch=batch, px=size, timm_ms=1e3 * t_timm, ours_ms=1e3 * t_ours,
                ratio=paired_ratio(ts_timm, ts_ours), ours_img_s=batch / t_ours, ours_gflops=gflops,
                ours_of_peak=gflops / peak)
@@ -185,22 +180,13 @@ def train_step_fn(impl: str, model_name: str, device: str, amp: Optional[str], b
     """One training step of either implementation, ready to call repeatedly."""
     from timm.utils.agc import adaptive_clip_grad
     # only this side's model lives in the process, so its peak memory is its own
-    torch.manual_seed(0)
-    model = timm.create_model(('dm_' if impl == 'timm' else '') + model_name)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 0:
-                p.fill_(0.3)
-    model = model.to(device).train()
+    model = _random_model(('dm_' if impl == 'timm' else '') + model_name).to(device).train()
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
+    # both through timm's factory (no weight decay on biases and gains; Nesterov SGD)
     if impl == 'timm':
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            (no_decay if p.ndim <= 1 or n.endswith('.bias') else decay).append(p)
-        opt = torch.optim.SGD([{'params': decay, 'weight_decay': 2e-5}, {'params': no_decay, 'weight_decay': 0.}],
-                              lr=0.1, momentum=0.9, nesterov=True, foreach=True)
+        opt = timm.optim.create_optimizer_v2(model, 'sgd', lr=0.1, momentum=0.9, weight_decay=2e-5, foreach=True)
     else:
         opt = timm.optim.create_optimizer_v2(model, 'sgdagc', lr=0.1, momentum=0.9, weight_decay=2e-5,
                                              clipping=0.01)
