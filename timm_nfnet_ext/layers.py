@@ -93,8 +93,7 @@ def _gelu_tanh_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x * (_GELU_2A + _GELU_2AB * x * x))
 
 
-# torch.compiler.is_compiling arrived in torch 2.3; older releases only have dynamo's
-_is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None) or torch._dynamo.is_compiling
+_is_compiling = torch.compiler.is_compiling
 _is_functorch_wrapped = getattr(getattr(torch._C, '_functorch', None), 'is_functorch_wrapped_tensor',
                                 lambda x: False)
 
