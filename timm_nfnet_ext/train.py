@@ -65,12 +65,12 @@ def evaluate(model: nn.Module, loader: Any, run: Run) -> Dict[str, float]:
     for images, targets in loader:
         images, targets = _to_device(images, targets, run)
         with run.autocast():
-            logits = model(images)
+            logits = model(images).float()
         n = targets.shape[0]
-        top1, top5 = accuracy(logits.float(), targets, topk=(1, k5))
-        sums += torch.stack([F.cross_entropy(logits.float(), targets, reduction='sum').double(),
-                             top1.double() * n / 100, top5.double() * n / 100,
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+        top1, top5 = accuracy(logits, targets, topk=(1, k5))
+        sums[:3] += torch.stack([F.cross_entropy(logits, targets, reduction='sum').double(),
+                                 top1.double() * n / 100, top5.double() * n / 100])
+        sums[3] += n  # no host-to-device copy per batch
     if run.dist.distributed:
         dist.all_reduce(sums)
     model.train(was_training)
@@ -280,7 +280,7 @@ def _epoch_train_metrics(run: Run, meters: Dict[str, float]) -> Dict[str, float]
     return {'train_loss': loss_sum / max(steps, 1), 'clip_fraction': clipped / units if units else None}
 
 
-def _validate(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, Any]:
+def _validate(run: Run) -> Dict[str, Any]:
     """Metrics of the epoch's summary row (the EMA's when there is one, like timm)."""
     if run.val_loader is None:
         return {}
@@ -330,7 +330,7 @@ def train(run: Run) -> Dict[str, Any]:
         t0 = time.time()
         row = {'epoch': state['epoch']}
         row.update(train_one_epoch(run, state, log))
-        row.update(_validate(run, state, log))
+        row.update(_validate(run))
         row['lr'] = _lr(run)
         state['history'].append(row)
         value = _update_best(run, state, row)
@@ -354,7 +354,7 @@ def _epoch_line(row: Dict[str, Any], seconds: float) -> str:
 
 
 # --- export ----------------------------------------------------------------------------------
-def export_and_reload(run: Run, state: Dict[str, Any]) -> Dict[str, Any]:
+def export_and_reload(run: Run) -> Dict[str, Any]:
     """Write the best weights as model.safetensors + config.json, reload them through timm's
     pretrained path, and measure the reloaded model on the validation split."""
     import timm
@@ -443,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _finish(run, state)
     _shutdown()  # before the export: other ranks must not wait on it past the collective timeout
     if run.args.export is not None and run.dist.primary:
-        result = export_and_reload(run, state)
+        result = export_and_reload(run)
         if 'top1' in result:
             print(f'exported {result["export_dir"]}/model.safetensors + config.json; reloaded through timm: '
                   f'validation top-1 {result["top1"]:.2f}%, top-5 {result["top5"]:.2f}%')

@@ -90,7 +90,9 @@ def _isolated_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would also (lazily) reseed every CUDA
+        # generator, which fork_rng(devices=[]) does not restore, and costs ~0.6 ms per image
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
