@@ -58,14 +58,20 @@ def is_deepmind_format(path: PathLike) -> bool:
     return head[:1] == b'\x80' or head == b'PK'
 
 
-def check_source_file(path: PathLike, size: Optional[int], sha256: Optional[str]) -> str:
-    """Check ``path`` against the expected byte size and sha256 (each where known); return its sha256."""
+def check_source_file(path: PathLike, size: Optional[int], sha256: Optional[str]) -> Optional[str]:
+    """Check ``path`` against the expected byte size and sha256 (each where known).
+
+    Returns the file's sha256 when one was expected (and so computed), else None: a multi-GB
+    source is only read for a hash that is checked or recorded.
+    """
     actual = os.path.getsize(path)
     if size is not None and actual != size:
         raise SourceError(
             f'{path}: {actual:,} bytes where {size:,} are expected: truncated, corrupt or the wrong file')
+    if not sha256:
+        return None
     digest = sha256_file(path)
-    if sha256 and digest != sha256.lower():
+    if digest != sha256.lower():
         raise SourceError(f'{path}: sha256 {digest} differs from the manifest\'s {sha256}')
     return digest
 
@@ -81,10 +87,10 @@ def _copy_with_progress(response: BinaryIO, out: BinaryIO, total: Optional[int],
 
 
 def download(url: str, cache_dir: PathLike, size: Optional[int] = None,
-             sha256: Optional[str] = None) -> Tuple[Path, str]:
+             sha256: Optional[str] = None) -> Tuple[Path, Optional[str]]:
     """Download ``url`` into ``cache_dir`` (kept if already there and valid); checked, then renamed into place.
 
-    Returns the cached path and its sha256."""
+    Returns the cached path and its sha256 when one was checked (else None)."""
     cache_dir = Path(cache_dir)
     name = os.path.basename(urlparse(url).path) or 'checkpoint'
     # keyed by the whole URL: two URLs ending in the same file name are different files

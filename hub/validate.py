@@ -54,7 +54,6 @@ class BuiltModel:
     model: nn.Module
     source: Path
     source_layout: str
-    n_params: int
     checks: List[str] = field(default_factory=list)
     proofs: List[str] = field(default_factory=list)
     outputs_checked: bool = False
@@ -169,7 +168,7 @@ def build_and_validate(
     ``cross_check_label`` names the second copy in messages and the card (default: its file name).
     """
     model, state, layout = load_model(src, release)
-    built = BuiltModel(release, model, Path(src), layout, sum(p.numel() for p in model.parameters()))
+    built = BuiltModel(release, model, Path(src), layout)
     built.record(f'source layout: {layout}; loads strictly',
                  f'{layout} layout, loaded strictly (no tensor missing or extra)')
     built.record('all values finite', 'all values finite')  # build_model_from_state refuses NaN/inf
