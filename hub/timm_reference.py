@@ -20,8 +20,8 @@ import torch.nn as nn
 
 __all__ = ['TimmReferenceError', 'timm_nfcfg', 'timm_reference_model']
 
-# Our activation names -> timm's (only those timm's NormFreeNet has gamma constants for).
-_TIMM_ACTS = {'gelu': 'gelu', 'relu': 'relu', 'silu': 'silu', 'elu': 'elu', 'celu': 'celu', 'tanh': 'tanh'}
+# Activations (same names in both) that timm's NormFreeNet has gamma constants for.
+_TIMM_ACTS = frozenset({'gelu', 'relu', 'silu', 'elu', 'celu', 'tanh'})
 PATCHED_EPS = 1e-10
 
 
@@ -56,7 +56,7 @@ def timm_nfcfg(cfg, std_conv_eps: float = 1e-5):
         attn_layer='se', attn_kwargs=dict(rd_ratio=cfg.se_ratio), attn_gain=2.0,
         num_features=int(cfg.widths[-1] * cfg.final_conv_mult), extra_conv=cfg.use_two_convs,
         gamma_in_act=True, same_padding=True, skipinit=True, std_conv_eps=std_conv_eps,
-        act_layer=_TIMM_ACTS[cfg.activation],
+        act_layer=cfg.activation,
     )
 
 

@@ -256,6 +256,7 @@ def test_bad_data_model_optimizer_and_output_are_refused_before_training(digits_
         (['--data-dir', digits_dir, '--output', blocker / 'run'], 'cannot be created or written'),
         (['--data-dir', digits_dir, '--agc', '-1'], '--agc must be'),
         (['--data-dir', digits_dir, '-b', '7', '--cutmix-minmax', '0.2', '0.8'], 'need an even --batch-size, got 7'),
+        (['--data-dir', digits_dir, '--seed', '-1'], '--seed must be in [0, 2**31), got -1'),
     ]
     for extra, message in cases:
         out_dir = tmp_path / 'out'

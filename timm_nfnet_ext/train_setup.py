@@ -9,23 +9,22 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
-import random
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.utils import random_seed
 
 from . import train_checkpoint as ckpt_io
 from .train_data import EpochSampler, build_datasets, build_loader, num_classes_of
 from .train_recipe import TrainError
 
-__all__ = ['DistInfo', 'Run', 'init_distributed', 'prepare', 'PaperEma', 'resolve_optimizer', 'seed_all']
+__all__ = ['DistInfo', 'Run', 'init_distributed', 'prepare', 'PaperEma', 'resolve_optimizer']
 
 
 @dataclass
@@ -61,13 +60,6 @@ def init_distributed(device: Optional[str]) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return DistInfo(dist.get_rank(), dist.get_world_size(), dev)
-
-
-def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 class PaperEma:
@@ -208,6 +200,7 @@ def _check_numbers(args: Any, dist_info: DistInfo) -> None:
         (not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax) or args.batch_size % 2 == 0,
          f'--mixup/--cutmix/--cutmix-minmax need an even --batch-size, got {args.batch_size}'),
         (args.recovery_interval >= 0, '--recovery-interval must be >= 0'),
+        (0 <= args.seed < 2 ** 31, f'--seed must be in [0, 2**31), got {args.seed}'),  # numpy's seed range, with room for ranks
         (args.amp_dtype != 'float16' or not args.amp or dist_info.device.type == 'cuda',
          '--amp with float16 needs CUDA; on CPU use --amp-dtype bfloat16'),
         (not args.warmup_prefix or args.warmup_epochs < args.epochs,
@@ -328,7 +321,7 @@ def prepare(args: Any, dist_info: DistInfo) -> Run:
     resume_path, resume = _resume_source(args, run_dir)
     notes = [f'--resume auto: no checkpoint in {run_dir}, starting a new run'] if args.resume == 'auto' and not resume else []
 
-    seed_all(args.seed)
+    random_seed(args.seed)
     data = build_datasets(args, _default_cfg(args.model))
     num_classes = args.num_classes or num_classes_of(data.train)
     if not num_classes:
@@ -384,7 +377,7 @@ def prepare(args: Any, dist_info: DistInfo) -> Run:
     if resume is not None:
         ckpt_io.check_compatible(resume, identity, str(resume_path))
         _load_states(run, resume, resume_path)
-    seed_all(args.seed + dist_info.rank)
+    random_seed(args.seed, dist_info.rank)
     if dist_info.distributed:
         from torch.nn.parallel import DistributedDataParallel
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
