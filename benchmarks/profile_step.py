@@ -13,9 +13,6 @@ shown only as a bound), then the optimizer step alone (timm's
 from __future__ import annotations
 
 import argparse
-import contextlib
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +20,8 @@ import torch.nn.functional as F
 import timm
 import timm_nfnet_ext  # noqa: F401
 from timm_nfnet_ext import layers
+
+from bench import autocast, time_fn  # this script's folder is on sys.path
 
 
 def ws_custom(weight, gain, input_scale=1.0, eps=1e-4):
@@ -41,19 +40,9 @@ VARIANTS = {'shipped': layers.standardize_weight, 'custom': ws_custom,
             'autograd': layers._standardize_weight_autograd, 'batchnorm': ws_batchnorm}
 
 
-def timed(fn, device, warmup=3, repeats=10):
-    for _ in range(warmup):
-        fn()
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+def timed(fn, device, repeats):
+    """Median milliseconds per call."""
+    return 1e3 * time_fn(fn, device, warmup=3, repeats=repeats)
 
 
 def main():
@@ -78,7 +67,7 @@ def main():
     def fwd_bwd(model):
         def f():
             model.zero_grad(set_to_none=True)
-            with (torch.autocast(dev, dtype=torch.bfloat16) if args.amp == 'bf16' else contextlib.nullcontext()):
+            with autocast(dev, None if args.amp == 'none' else args.amp):
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
         return f
@@ -88,15 +77,17 @@ def main():
     for name, fn in VARIANTS.items():
         orig = layers.WSConv2d.standardized_weight
         layers.WSConv2d.standardized_weight = lambda self, fn=fn: fn(self.weight, self.gain, self.input_scale, self.eps)
-        print(f'fwd+bwd ours, WS {name:<9} {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
-              flush=True)
-        layers.WSConv2d.standardized_weight = orig
+        try:
+            print(f'fwd+bwd ours, WS {name:<9} {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
+                  flush=True)
+        finally:
+            layers.WSConv2d.standardized_weight = orig
 
     from timm.utils.agc import adaptive_clip_grad
     fwd_bwd(models['timm'])()
     fwd_bwd(models['ours'])()
-    sgd = torch.optim.SGD(models['timm'].parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5,
-                          foreach=True)
+    sgd = timm.optim.create_optimizer_v2(models['timm'], 'sgd', lr=0.1, momentum=0.9, weight_decay=2e-5,
+                                         foreach=True)  # as in bench.py: no decay on gains and biases
     ours_opt = timm.optim.create_optimizer_v2(models['ours'], 'sgdagc', lr=0.1, momentum=0.9, weight_decay=2e-5,
                                               clipping=0.01)
 
