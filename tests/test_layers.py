@@ -83,11 +83,13 @@ def _tanh_gelu64(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize('layout', ['contiguous', 'channels_last', 'strided'])
-def test_fast_nograd_gelu_matches_the_tanh_form(layout):
-    from timm_nfnet_ext.layers import _GELU_CHUNK, gelu_tanh
+def test_fast_nograd_gelu_matches_the_tanh_form(layout, monkeypatch):
+    from timm_nfnet_ext import layers
+    from timm_nfnet_ext.layers import gelu_tanh
+    monkeypatch.setattr(layers, '_GELU_CHUNK', 4096)  # several chunks at a test's size
     # more elements than one chunk, and not a multiple of it; values far into both tails
-    x = torch.randn(3, 37, 61, 41) * 4
-    assert x.numel() > _GELU_CHUNK and x.numel() % _GELU_CHUNK
+    x = torch.randn(3, 37, 11, 9) * 4
+    assert x.numel() > layers._GELU_CHUNK and x.numel() % layers._GELU_CHUNK
     if layout == 'channels_last':
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == 'strided':
@@ -109,11 +111,75 @@ def test_fast_nograd_gelu_is_used_only_without_autograd():
     with torch.no_grad():
         y = act(x)
     assert torch.allclose(y.double(), _tanh_gelu64(x), atol=2e-6) and y.data_ptr() != x.data_ptr()
-    xr = x.clone().requires_grad_()
-    act(xr).sum().backward()  # autograd path: ATen's GELU and its gradient
-    xd = x.double().requires_grad_()
-    _tanh_gelu64(xd).sum().backward()
-    assert torch.allclose(xr.grad.double(), xd.grad, atol=1e-5)
+    assert y.grad_fn is None
+
+
+def _gelu_grad64(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    xd = x.detach().double().requires_grad_()
+    _tanh_gelu64(xd).backward(g.double())
+    return xd.grad
+
+
+@pytest.mark.parametrize('layout', ['contiguous', 'channels_last'])
+@pytest.mark.parametrize('grad_layout', ['same', 'other', 'expanded'])
+def test_fast_cpu_gelu_backward_matches_the_tanh_form(layout, grad_layout, monkeypatch):
+    from timm_nfnet_ext import layers
+    from timm_nfnet_ext.layers import gelu_tanh
+    monkeypatch.setattr(layers, '_GELU_CHUNK', 4096)
+    x = torch.randn(3, 37, 11, 9) * 4  # more than one chunk, not a multiple of it
+    assert x.numel() > layers._GELU_CHUNK and x.numel() % layers._GELU_CHUNK
+    x.view(-1)[:6] = torch.tensor([-40.0, -12.0, -9.5, 0.0, 1e-20, 40.0])  # sigmoid underflows below ~-9.5
+    if layout == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = gelu_tanh(x)
+    assert type(y.grad_fn).__name__ == '_GeluTanhCPUBackward'
+    assert (y.detach().double() - _tanh_gelu64(x.detach())).abs().max().item() < 2e-6
+    if grad_layout == 'expanded':
+        g = torch.ones(()).expand(x.shape)  # what y.sum().backward() sends: stride 0
+    else:
+        g = torch.randn(x.shape)
+        if (grad_layout == 'other') != (layout == 'channels_last'):
+            g = g.contiguous(memory_format=torch.channels_last)
+    y.backward(g)
+    ref = _gelu_grad64(x, g)
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad.double() - ref).abs().max().item() < 1e-5 * max(1.0, g.abs().max().item())
+    assert x.grad.stride() == x.stride()
+
+
+def test_fast_cpu_gelu_keeps_its_output_and_sigmoid_not_its_input():
+    from timm_nfnet_ext.layers import gelu_tanh
+    x = torch.randn(4, 16, 9, 9, requires_grad=True)
+    inp = x * 1.0  # a non-leaf, like a conv output
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = gelu_tanh(inp)
+    assert len(saved) == 2 and all(t.shape == x.shape for t in saved)
+    assert any(t.data_ptr() == y.data_ptr() for t in saved)  # the output (the next conv keeps it anyway)
+    assert all(t.data_ptr() != inp.data_ptr() for t in saved)  # the input can be freed
+
+
+def test_fast_cpu_gelu_refuses_double_backward_and_can_be_switched_off():
+    from timm_nfnet_ext.layers import fast_cpu_gelu, gelu_tanh
+    x = torch.randn(50, requires_grad=True)
+    (gx,) = torch.autograd.grad(gelu_tanh(x).sum(), x)  # first order: fine
+    with pytest.raises(RuntimeError, match=r'double backward.*fast_cpu_gelu\(False\)'):
+        torch.autograd.grad(gelu_tanh(x).sum(), x, create_graph=True)
+    fast_cpu_gelu(False)
+    try:
+        y = gelu_tanh(x)
+        assert type(y.grad_fn).__name__ == 'GeluBackward0'  # ATen's, twice differentiable
+        (g1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (g2,) = torch.autograd.grad(g1.sum(), x)
+        xd = x.detach().double().requires_grad_()
+        (r1,) = torch.autograd.grad(_tanh_gelu64(xd).sum(), xd, create_graph=True)
+        (r2,) = torch.autograd.grad(r1.sum(), xd)
+        assert torch.allclose(g1.double(), r1, atol=1e-5) and torch.allclose(g2.double(), r2, atol=1e-4)
+        assert torch.allclose(gx, g1, atol=1e-5)
+    finally:
+        fast_cpu_gelu(True)
+    assert type(gelu_tanh(x).grad_fn).__name__ == '_GeluTanhCPUBackward'
 
 
 def test_gelu_under_vmap_forward_ad_and_tracked_inputs_falls_back_to_aten():
