@@ -197,3 +197,18 @@ def test_gelu_under_vmap_forward_ad_and_tracked_inputs_falls_back_to_aten():
     tracked = x.clone().requires_grad_()
     y = gelu_tanh(tracked, inplace=True)  # autograd needs the input: neither out= nor in place
     assert y.requires_grad and torch.equal(tracked.detach(), x)
+
+
+def test_inplace_gelu_in_training_overwrites_only_non_leaf_inputs():
+    act = Activation('gelu', inplace=True)
+    w = torch.randn(4, 8, 6, 6, requires_grad=True)
+    conv_out = w * 2.0  # a non-leaf nothing else reads, like a conv output
+    y = act(conv_out)
+    assert y.data_ptr() == conv_out.data_ptr()  # in place: no new feature map
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(w.grad.double(), 2.0 * _gelu_grad64(w.detach() * 2.0, g), atol=1e-5)
+    leaf = torch.randn(4, 8, 6, 6, requires_grad=True)
+    kept = leaf.detach().clone()
+    y = act(leaf)
+    assert y.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), kept)

@@ -197,6 +197,32 @@ def test_backward_reaches_every_parameter():
     assert all(p.grad is not None for p in m.parameters())
 
 
+def test_float32_cpu_training_gradients_match_float64():
+    """The CPU float32 training path (in-place sigmoid-form GELU with its own backward, the
+    hand-written weight-standardisation backward) against float64, where ATen does both."""
+    import copy
+    from timm_nfnet_ext.layers import _GeluTanhCPU
+    m = tiny_model(drop_rate=0.0).train()
+    for p in m.parameters():  # non-trivial gains, biases and skip gains
+        p.data.add_(torch.randn_like(p) * 0.1)
+    m64 = copy.deepcopy(m).double()
+    x = torch.randn(2, 3, 64, 64)
+    used = []
+    real_apply = _GeluTanhCPU.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_GeluTanhCPU, 'apply', lambda *a: used.append(a[1]) or real_apply(*a))
+        out = m(x)
+    assert used and any(used) and not all(used)  # both the in-place and the out-of-place form ran
+    g = torch.randn_like(out)
+    out.backward(g)
+    out64 = m64(x.double())
+    out64.backward(g.double())
+    assert torch.allclose(out.double(), out64, atol=1e-4)
+    for (n, p), p64 in zip(m.named_parameters(), m64.parameters()):
+        scale = p64.grad.abs().max().item()
+        assert (p.grad.double() - p64.grad).abs().max().item() <= 1e-4 * max(scale, 1.0), n
+
+
 def test_stochastic_depth_drops_whole_samples_without_rescale():
     m = tiny_model(drop_path_rate=0.9, drop_rate=0.0).train()
     block = m.stages[3][0]

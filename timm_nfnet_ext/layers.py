@@ -174,12 +174,15 @@ class _GeluTanhCPU(torch.autograd.Function):
     pair runs on ``sigmoid``: forward+backward ~1.6x faster per call. It saves the output (which
     the following conv keeps for its own backward anyway) and the sigmoid instead of the input,
     so training memory is unchanged; the price is no double backward (``fast_cpu_gelu``).
+    In place (a conv output nothing else reads), the output overwrites the input.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         sig = torch.empty_like(x)
-        y = _gelu_forward(x, torch.empty_like(x), sig)
+        y = _gelu_forward(x, x if inplace else torch.empty_like(x), sig)
+        if inplace:  # one new buffer per call (the sigmoid), as many as ATen's out-of-place GELU
+            ctx.mark_dirty(y)
         ctx.save_for_backward(y, sig)
         return y
 
@@ -190,11 +193,11 @@ class _GeluTanhCPU(torch.autograd.Function):
                 'double backward (create_graph=True) through the fast CPU tanh-GELU is not supported: '
                 'call timm_nfnet_ext.layers.fast_cpu_gelu(False) before the forward pass')
         y, sig = ctx.saved_tensors
-        return _gelu_backward(y, sig, grad)
+        return _gelu_backward(y, sig, grad), None
 
 
 def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """tanh-GELU (JAX's ``gelu``); ``x`` is overwritten if ``inplace`` and autograd does not need it.
+    """tanh-GELU (JAX's ``gelu``); ``x`` is overwritten if ``inplace`` (autograd permitting).
 
     Written by hand for CPU float32, because ATen's tanh-GELU kernels spend most of their time in
     a vectorised ``tanh`` that is ~3.5x slower than its ``sigmoid`` on AVX2 CPUs (a third of the
@@ -213,8 +216,8 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     tracked = x.requires_grad and torch.is_grad_enabled()
     if not _fast_cpu_dense(x):
         return torch.ops.aten.gelu_(x, approximate='tanh') if inplace and not tracked else F.gelu(x, approximate='tanh')
-    if tracked:
-        return _GeluTanhCPU.apply(x)
+    if tracked:  # a leaf's values must survive: never in place
+        return _GeluTanhCPU.apply(x, inplace and not x.is_leaf)
     return _gelu_forward(x, x if inplace else torch.empty_like(x))  # empty_like keeps dense strides
 
 
@@ -228,8 +231,9 @@ def get_act_fn(name: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], float
 class Activation(nn.Module):
     """An activation of the gamma table; ``scale`` multiplies the output (1.0 when folded away).
 
-    With ``inplace=True`` the input is overwritten whenever autograd does not need it (inference);
-    only set it where nothing else reads the input afterwards.
+    With ``inplace=True`` the input is overwritten at inference, and in training too where the
+    activation's backward does not need its input (tanh-GELU on CPU, see ``_GeluTanhCPU``); only
+    set it where nothing else reads the input afterwards.
     """
 
     def __init__(self, name: str, scale: float = 1.0, inplace: bool = False):
@@ -237,11 +241,16 @@ class Activation(nn.Module):
         self.name = name
         self.fn, _ = get_act_fn(name)
         self.fn_ = _INPLACE_FNS.get(name) if inplace else None
+        # gelu_tanh(inplace=True) decides for itself whether autograd lets it overwrite its input
+        self.fn_train = self.fn_ if name == 'gelu' and self.fn_ is not None else self.fn
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         no_grad = not (x.requires_grad and torch.is_grad_enabled())
-        y = self.fn_(x) if self.fn_ is not None and no_grad else self.fn(x)
+        if no_grad:
+            y = self.fn_(x) if self.fn_ is not None else self.fn(x)
+        else:
+            y = self.fn_train(x)
         if self.scale == 1.0:
             return y
         # scale in place when y is ours to overwrite (a fresh output, or an in-place result)
