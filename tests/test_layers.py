@@ -13,13 +13,16 @@ def _reference_ws(w, gain, c, eps):
     return w * scale - mean * scale
 
 
-@pytest.mark.parametrize('eps', [1e-4, 1e3])  # 1e3: every row on the eps floor
-def test_standardize_weight_value_and_gradients(eps):
+@pytest.mark.parametrize('floor', ['no_row', 'one_row', 'every_row'])
+def test_standardize_weight_value_and_gradients(floor):
+    """No row on the eps floor: batch norm's backward kernel; otherwise the written-out one."""
     torch.manual_seed(0)
+    eps = 1e3 if floor == 'every_row' else 1e-4
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     gain = torch.rand(6, dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():
-        w[2] = 0.5  # a constant row: zero variance, on the floor even at eps=1e-4
+    if floor == 'one_row':
+        with torch.no_grad():
+            w[2] = 0.5  # a constant row: zero variance, on the floor even at eps=1e-4
     assert torch.autograd.gradcheck(lambda w, g: standardize_weight(w, g, 1.7, eps), (w, gain))
     out = standardize_weight(w, gain, 1.7, eps)
     ref = _reference_ws(w, gain, 1.7, eps)

@@ -299,9 +299,14 @@ class _StandardizeWeight(torch.autograd.Function):
 
     (``||w - mean||^2 = var * fan_in``: the reference's formula.) Written by hand because
     autograd's graph of the same expression costs ~4x more passes over the weights than this,
-    and ATen's CPU ``var_mean`` is two orders of magnitude slower than a sum. The backward never
-    materialises ``w - mean``: with ``r = rsqrt(.) * gain * c`` and ``k = <g, w - mean> * rsqrt(.)^2``
-    (0 where the eps floor is active), ``dw = r * (g - mean(g)) - r * k * (w - mean)``.
+    and ATen's CPU ``var_mean`` is two orders of magnitude slower than a sum.
+
+    Backward: where no row sits on the eps floor, this is batch norm's backward over the rows
+    (``invstd = rsqrt(var)``, weight ``gain * c / sqrt(fan_in)``), so ATen's fused batch-norm
+    backward kernel is given our saved statistics (F0, all weights: 82 ms vs 140 ms forward +
+    backward). Rows on the floor have a constant scale, which batch norm's formula does not
+    know, so then the gradient is written out: with ``r = rsqrt(.) * gain * c`` and
+    ``k = <g, w - mean> * rsqrt(.)^2`` (0 on the floor), ``dw = r * (g - mean(g)) - r * k * (w - mean)``.
     """
 
     @staticmethod
@@ -320,7 +325,14 @@ class _StandardizeWeight(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         weight, gain, mean, inv, unclamped = ctx.saved_tensors
         c = ctx.input_scale
-        w = weight.reshape(weight.shape[0], -1)
+        rows, n = weight.shape[0], weight[0].numel()
+        if not _is_compiling() and bool(unclamped.all()):  # (a data-dependent branch: eager only)
+            root_n = math.sqrt(n)
+            grad_w, grad_bn_weight, _ = torch.ops.aten.native_batch_norm_backward(
+                grad_out.reshape(1, rows, n), weight.reshape(1, rows, n), gain * (c / root_n), None, None,
+                mean.view(-1), (inv * root_n).view(-1), True, 0.0, [True, True, False])
+            return grad_w.view_as(weight), grad_bn_weight * (c / root_n), None, None
+        w = weight.reshape(rows, n)
         g = grad_out.reshape(w.shape)
         g_sum = g.sum(dim=1, keepdim=True)
         # <g, w - mean> per row, as a batched GEMV (no temporary the size of the weights)
@@ -328,7 +340,7 @@ class _StandardizeWeight(torch.autograd.Function):
         grad_gain = (dot * inv).view(-1) * c
         r = inv * (gain.view(-1, 1) * c)
         rk = r * dot * inv.square() * unclamped
-        grad_w = torch.addcmul(rk * mean - r * (g_sum / w.shape[1]), g, r)
+        grad_w = torch.addcmul(rk * mean - r * (g_sum / n), g, r)
         grad_w.addcmul_(w, rk, value=-1.0)
         return grad_w.view_as(weight), grad_gain, None, None
 
