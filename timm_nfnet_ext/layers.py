@@ -128,42 +128,57 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
+_TWO_A = torch.tensor(_GELU_2A)  # the addcmul base (a 0-dim CPU float32 tensor, made once)
+
+
+def _gelu_forward_pass(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor, keep_sig: bool) -> None:
+    torch.addcmul(_TWO_A, x, x, value=_GELU_2AB, out=s)  # 2a + 2ab x^2
+    s.mul_(x).sigmoid_()
+    torch.mul(x, s, out=out)
+    if keep_sig:
+        s.clamp_min_(_SIGMOID_FLOOR)
+
+
 def _gelu_forward(x: torch.Tensor, out: torch.Tensor, sig: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = x * s``, ``s = sigmoid(x (2a + 2ab x^2))``, in cache-sized chunks of four ATen passes.
-    ``sig`` (dense, strided like ``x``) receives ``s`` floored at ``_SIGMOID_FLOOR`` if given."""
+    """``out = x * s``, ``s = sigmoid(x (2a + 2ab x^2))``: four ATen passes over each cache-sized
+    chunk. ``sig`` (dense, strided like ``x``) receives ``s`` floored at ``_SIGMOID_FLOOR`` if given."""
+    keep = sig is not None
     n = x.numel()
+    if n <= _GELU_CHUNK:  # one chunk: no views to build
+        _gelu_forward_pass(x, out, sig if keep else torch.empty_like(x), keep)
+        return out
     fx, fo = _flat(x), _flat(out)
-    fs = _flat(sig) if sig is not None else torch.empty(min(n, _GELU_CHUNK), dtype=x.dtype)
-    two_a = x.new_tensor(_GELU_2A)
+    fs = _flat(sig) if keep else torch.empty(_GELU_CHUNK, dtype=x.dtype)
     for i in range(0, n, _GELU_CHUNK):
         xs = fx[i:i + _GELU_CHUNK]
-        s = fs[i:i + _GELU_CHUNK] if sig is not None else fs[:xs.numel()]
-        torch.addcmul(two_a, xs, xs, value=_GELU_2AB, out=s)  # 2a + 2ab x^2
-        s.mul_(xs).sigmoid_()
-        torch.mul(xs, s, out=fo[i:i + _GELU_CHUNK])
-        if sig is not None:
-            s.clamp_min_(_SIGMOID_FLOOR)
+        _gelu_forward_pass(xs, fo[i:i + _GELU_CHUNK], fs[i:i + _GELU_CHUNK] if keep else fs[:xs.numel()], keep)
     return out
+
+
+def _gelu_backward_pass(y: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, out: torch.Tensor,
+                        x: torch.Tensor, t: torch.Tensor) -> None:
+    torch.div(y, s, out=x)
+    torch.addcmul(_TWO_A, x, x, value=3.0 * _GELU_2AB, out=t).mul_(x)  # x u'
+    torch.ops.aten.sigmoid_backward.grad_input(t, s, grad_input=out)  # x u' s (1 - s)
+    out.add_(s).mul_(grad)
 
 
 def _gelu_backward(y: torch.Tensor, sig: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """d gelu / dx * grad from the output ``y`` and saved sigmoid ``s`` (``x = y / s``):
-    ``s + x s (1 - s) u'`` with ``u' = 2a + 6ab x^2``; six passes over cache-sized chunks."""
+    ``s + x s (1 - s) u'`` with ``u' = 2a + 6ab x^2``; six passes over each cache-sized chunk."""
     out = torch.empty_like(y)
     if grad.stride() != y.stride():
-        grad = torch.empty_like(y).copy_(grad)  # the flat passes need one memory order
+        grad = torch.empty_like(y).copy_(grad)  # the passes need one memory order
     n = y.numel()
+    if n <= _GELU_CHUNK:
+        _gelu_backward_pass(y, sig, grad, out, torch.empty_like(y), torch.empty_like(y))
+        return out
     fy, fs, fg, fo = _flat(y), _flat(sig), _flat(grad), _flat(out)
-    x_buf = torch.empty(min(n, _GELU_CHUNK), dtype=y.dtype)
-    t_buf = torch.empty_like(x_buf)
-    two_a = y.new_tensor(_GELU_2A)
+    x_buf, t_buf = torch.empty(_GELU_CHUNK, dtype=y.dtype), torch.empty(_GELU_CHUNK, dtype=y.dtype)
     for i in range(0, n, _GELU_CHUNK):
         s = fs[i:i + _GELU_CHUNK]
-        x, t, o = x_buf[:s.numel()], t_buf[:s.numel()], fo[i:i + _GELU_CHUNK]
-        torch.div(fy[i:i + _GELU_CHUNK], s, out=x)
-        torch.addcmul(two_a, x, x, value=3.0 * _GELU_2AB, out=t).mul_(x)  # x u'
-        torch.ops.aten.sigmoid_backward.grad_input(t, s, grad_input=o)  # x u' s (1 - s)
-        o.add_(s).mul_(fg[i:i + _GELU_CHUNK])
+        k = s.numel()
+        _gelu_backward_pass(fy[i:i + _GELU_CHUNK], s, fg[i:i + _GELU_CHUNK], fo[i:i + _GELU_CHUNK], x_buf[:k], t_buf[:k])
     return out
 
 
