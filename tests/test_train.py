@@ -195,6 +195,22 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ['last.pth.tar']
 
 
+def test_atomic_text_and_copy_keep_the_previous_file_on_failure(tmp_path, monkeypatch):
+    path = ckpt_io.write_text_atomic('old', tmp_path / 'summary.csv')
+    copied = ckpt_io.copy_atomic(path, tmp_path / 'best.csv')
+    assert copied.read_text() == 'old'
+    real_write = type(path).write_text
+
+    def broken_write(self, text, *a, **k):
+        real_write(self, text[:1])
+        raise OSError('disk full')
+    monkeypatch.setattr(type(path), 'write_text', broken_write)
+    with pytest.raises(OSError, match='disk full'):
+        ckpt_io.write_text_atomic('new', path)
+    assert path.read_text() == 'old'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['best.csv', 'summary.csv']
+
+
 def test_clipped_units_counts_units_over_the_agc_limit():
     from timm_nfnet_ext.agc import SGDAGC
     lin = torch.nn.Linear(4, 3, bias=True)

@@ -7,12 +7,13 @@ previous file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -62,47 +63,46 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
 
 
-def save_atomic(obj: Any, path: os.PathLike) -> Path:
-    """``torch.save`` to a temporary name next to ``path``, fsync, rename over ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name next to ``path`` to write; on success it is renamed over ``path``.
+
+    On an exception (or a kill) ``path`` keeps its old content and the temporary is removed
+    (a killed run's leftovers match ``remove_stale_temps``)."""
     path = Path(path)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.unlink(missing_ok=True)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def save_atomic(obj: Any, path: os.PathLike) -> Path:
+    """``torch.save`` to a temporary name next to ``path``, fsync, rename over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def copy_atomic(src: os.PathLike, dst: os.PathLike) -> Path:
     """Give ``dst`` the content of ``src``: a hard link (or a copy) under a temporary name, renamed."""
-    dst = Path(dst)
-    tmp = _tmp_name(dst)
-    try:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dst
+    return Path(dst)
 
 
 def write_text_atomic(text: str, path: os.PathLike) -> Path:
     """Write a text file through a temporary name and a rename."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def remove_stale_temps(folder: os.PathLike) -> List[Path]:

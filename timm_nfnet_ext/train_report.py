@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
-from .train_checkpoint import write_text_atomic
+from .train_checkpoint import atomic_path, write_text_atomic
 
 __all__ = ['to_plain', 'format_settings', 'settings_yaml', 'write_summary', 'write_plot', 'SUMMARY_COLUMNS']
 
@@ -72,12 +72,8 @@ def write_plot(history: Sequence[Mapping[str, Any]], path: os.PathLike) -> bool:
     _curves(ax_loss, epochs, history, {'train_loss': 'train', 'eval_loss': 'validation'}, 'loss')
     _curves(ax_acc, epochs, history, {'eval_top1': 'top-1', 'eval_top5': 'top-5'}, 'validation accuracy (%)')
     fig.tight_layout()
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format='png')
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return True
 
 
