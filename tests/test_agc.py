@@ -709,3 +709,34 @@ def test_integer_hyperparameters_in_added_groups_are_stored_as_floats():
     # clip to max(|p|, 1) * 1, then Nesterov momentum 0.9 from an empty buffer: lr * 1.9 * clipped
     expected = 0.1 * 1.9 * max(before.norm().item(), 1.0)
     assert (extra.detach() - before).norm().item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize('batched', [False, True])  # True: the GPU (one batch per bucket) path, run on CPU
+def test_optimizer_counts_clipped_units_until_read(batched, monkeypatch):
+    from timm_nfnet_ext.agc import SGDAGC
+    from timm_nfnet_ext.agc import clip as clip_mod
+    if batched:
+        monkeypatch.setattr(clip_mod, '_immediate', lambda device: False)
+    lin = torch.nn.Linear(4, 3, bias=True)
+    opt = SGDAGC(lin.parameters(), lr=0.0, clipping=0.01, nonfinite='skip')  # lr 0: weights stay put
+
+    def set_grads(bias_grad=0.03):
+        with torch.no_grad():
+            lin.weight.copy_(torch.eye(3, 4))          # each row (unit) has norm 1
+            lin.bias.copy_(torch.tensor([0.0, 3.0, 4.0]))  # one unit, norm 5
+        lin.weight.grad = torch.tensor([[0.005, 0, 0, 0], [0.02, 0, 0, 0], [0, 0.5, 0, 0]])
+        lin.bias.grad = torch.tensor([bias_grad, 0.0, 0.0])  # 0.03 < 0.01 * 5: not clipped
+    set_grads()
+    opt.step()
+    set_grads(bias_grad=1.0)  # now the bias unit is clipped too
+    opt.step()
+    assert opt.pop_clip_stats() == (2 + 3, 4 + 4)
+    assert opt.pop_clip_stats() == (0, 0)  # read resets
+    set_grads(bias_grad=float('nan'))
+    with pytest.warns(RuntimeWarning, match='skipped a step'):
+        opt.step()
+    assert opt.pop_clip_stats() == (0, 0)  # a skipped step counts nothing
+    opt.param_groups[0]['clipping'] = None
+    set_grads()
+    opt.step()
+    assert opt.pop_clip_stats() == (0, 0)  # unclipped groups are not looked at

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import timm_nfnet_ext.train_checkpoint as ckpt_io
-from timm_nfnet_ext.train import clipped_units, main, weights_fingerprint
+from timm_nfnet_ext.train import main, weights_fingerprint
 from timm_nfnet_ext.train_data import EpochSampler
 from timm_nfnet_ext.train_recipe import resolve_settings
 from timm_nfnet_ext.train_setup import DistInfo, prepare
@@ -51,7 +51,7 @@ def finished_run(digits_dir, tmp_path_factory) -> tuple:
     """A 2-epoch tiny run with AGC (in process): (run folder, stdout)."""
     out_dir = tmp_path_factory.mktemp('run') / 'tiny'
     code, out, err = run_main(['--data-dir', digits_dir, *TINY, '-b', '20', '--epochs', '2', '--agc', '0.02',
-                               '--lr', '0.05', '--warmup-epochs', '0', '--agc-stats-interval', '1',
+                               '--lr', '0.05', '--warmup-epochs', '0',
                                '--output', out_dir, '--seed', '0'])
     assert code == 0, err
     return out_dir, out
@@ -209,21 +209,6 @@ def test_atomic_text_and_copy_keep_the_previous_file_on_failure(tmp_path, monkey
         ckpt_io.write_text_atomic('new', path)
     assert path.read_text() == 'old'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['best.csv', 'summary.csv']
-
-
-def test_clipped_units_counts_units_over_the_agc_limit():
-    from timm_nfnet_ext.agc import SGDAGC
-    lin = torch.nn.Linear(4, 3, bias=True)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(3, 4))          # each row (unit) has norm 1
-        lin.bias.copy_(torch.tensor([0.0, 3.0, 4.0]))  # one unit, norm 5
-    lin.weight.grad = torch.tensor([[0.005, 0, 0, 0], [0.02, 0, 0, 0], [0, 0.5, 0, 0]])
-    lin.bias.grad = torch.tensor([0.03, 0.0, 0.0])    # 0.03 < 0.01 * 5
-    opt = SGDAGC(lin.parameters(), lr=0.1, clipping=0.01)
-    clipped, total = clipped_units(opt)
-    assert (int(clipped), total) == (2, 4)
-    opt.param_groups[0]['clipping'] = None
-    assert clipped_units(opt)[1] == 0
 
 
 # --- a finished run ----------------------------------------------------------------------------

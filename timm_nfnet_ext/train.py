@@ -30,29 +30,10 @@ from .train_recipe import TrainError, resolve_settings
 from .train_report import format_settings, settings_yaml, to_plain, write_plot, write_summary
 from .train_setup import DistInfo, Run, init_distributed, prepare
 
-__all__ = ['main', 'train', 'evaluate', 'clipped_units', 'weights_fingerprint']
+__all__ = ['main', 'train', 'evaluate', 'weights_fingerprint']
 
 
 # --- measurements ----------------------------------------------------------------------------
-@torch.no_grad()
-def clipped_units(optimizer: torch.optim.Optimizer) -> Tuple[torch.Tensor, int]:
-    """(number of AGC units whose gradient would be clipped now, number of units looked at)."""
-    from .agc import unitwise_norm
-    clipped, total = None, 0
-    for group in optimizer.param_groups:
-        clipping = group.get('clipping')
-        if clipping is None:
-            continue
-        for p in group['params']:
-            if p.grad is None:
-                continue
-            limit = unitwise_norm(p).clamp_min(group.get('agc_eps', 1e-3)) * clipping
-            hit = (unitwise_norm(p.grad) > limit).sum()
-            clipped = hit if clipped is None else clipped + hit
-            total += 1 if p.ndim <= 1 else p.shape[0]
-    return (clipped if clipped is not None else torch.zeros(())), total
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, run: Run) -> Dict[str, float]:
     """Validation loss, top-1 and top-5 (%) over the whole split, summed across processes."""
@@ -198,14 +179,8 @@ def _micro_step(run: Run, images: torch.Tensor, targets: torch.Tensor, last: boo
     return loss.detach()
 
 
-def _optimizer_step(run: Run, state: Dict[str, Any], measure: bool) -> None:
-    """AGC statistics (when due), the optimizer step, scheduler and EMA updates."""
-    meters = state['meters']
-    if measure:
-        run.scaler.unscale_(run.optimizer)
-        clipped, units = clipped_units(run.optimizer)
-        meters['clipped'] += float(clipped)
-        meters['units'] += units
+def _optimizer_step(run: Run, state: Dict[str, Any]) -> None:
+    """The optimizer step (AGC optimizers count their clipped units), scheduler and EMA updates."""
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -235,31 +210,35 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
             images, targets = next(batches)
             loss += _micro_step(run, images, targets, micro == accum - 1)
             seen += images.shape[0]
-        interval = args.agc_stats_interval
-        _optimizer_step(run, state, measure=bool(interval) and step % interval == 0)
+        _optimizer_step(run, state)
         pending += loss
         meters['steps'] += 1
         state['step'] = step + 1
         bar.update(1)
         if args.log_interval and (step + 1) % args.log_interval == 0:
-            _fold_loss(meters, pending)
+            _fold(meters, pending, run.optimizer)
             rate = seen * run.dist.world_size / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{_lr(run):.3g}', refresh=False)
             log(f'train: epoch {epoch} [{step + 1:>4}/{run.steps_per_epoch}] loss {float(loss):.4f} '
                 f'lr {_lr(run):.4g} {_clip_text(meters)}{rate:.0f} img/s')
         if args.recovery_interval and (step + 1) % args.recovery_interval == 0 and step + 1 < run.steps_per_epoch:
-            _fold_loss(meters, pending)
+            _fold(meters, pending, run.optimizer)
             _save(run, state, epoch_end=False)
-    _fold_loss(meters, pending)
+    _fold(meters, pending, run.optimizer)
     bar.close()
     log.bar = None
     return _epoch_train_metrics(run, meters)
 
 
-def _fold_loss(meters: Dict[str, float], pending: torch.Tensor) -> None:
-    """Move the device-side loss sum into the (checkpointed) meters."""
+def _fold(meters: Dict[str, float], pending: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """Move the device-side loss sum and the AGC optimizer's clip counts into the
+    (checkpointed) meters: one read of each, at log, save and epoch-end points only."""
     meters['loss_sum'] += float(pending)
     pending.zero_()
+    if hasattr(optimizer, 'pop_clip_stats'):
+        clipped, units = optimizer.pop_clip_stats()
+        meters['clipped'] += clipped
+        meters['units'] += units
 
 
 def _lr(run: Run) -> float:

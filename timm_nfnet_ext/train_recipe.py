@@ -183,8 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, '--checkpoint-hist', type=int, default=3, help='epoch checkpoints kept')
     _add(g, '--eval-metric', default='top1', choices=('top1', 'top5', 'loss'), help='metric of model_best')
     _add(g, '--log-interval', type=int, default=50, help='optimizer steps between log lines')
-    _add(g, '--agc-stats-interval', type=int, default=10, help='optimizer steps between measurements of '
-         'the fraction of clipped units (0: never)')
     _add(g, '--progress', action=argparse.BooleanOptionalAction, help='progress bar (default: on a terminal)')
     _add(g, '--export', nargs='?', const='', metavar='DIR', help='after training, write model.safetensors + '
          'config.json (to DIR, default <run>/export), reload them through timm and report their accuracy')

@@ -168,11 +168,12 @@ def _factor_batches(scale: Tensor, grads: List[Tensor]) -> List[Tuple[List[Tenso
 def _clip_factors(params: List[Tensor], grads: List[Tensor], clips: List[float],
                   epss: List[float], dtype: torch.dtype, want_summary: bool,
                   g_norm: Optional[Tensor] = None,
-                  ) -> Tuple[List[Tuple[List[Tensor], List[Tensor]]], Optional[Tensor]]:
+                  ) -> Tuple[List[Tuple[List[Tensor], List[Tensor]]], Optional[Tensor], Tensor]:
     """Factors for every gradient (1 where a unit is not clipped), as batches for
-    :func:`_factor_batches`, and (if asked) a device tensor ``[all unit norms finite, any
-    unit clipped]``. The lists must be sorted by ndim and shape. Reads, never writes.
-    ``g_norm``: the gradients' unit norms, if already known."""
+    :func:`_factor_batches`, (if asked) a device tensor ``[all unit norms finite, any
+    unit clipped]``, and the number of clipped units (a device tensor). The lists must be
+    sorted by ndim and shape. Reads, never writes. ``g_norm``: the gradients' unit norms,
+    if already known."""
     rows = tuple(1 if g.ndim <= 1 else g.shape[0] for g in grads)
     stack = not _immediate(grads[0].device)
     p_norm = _flat_unit_norms(params, dtype, stack)
@@ -184,7 +185,7 @@ def _clip_factors(params: List[Tensor], grads: List[Tensor], clips: List[float],
     trigger = g_norm > max_norm
     scale = torch.where(trigger, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
     summary = torch.stack([torch.isfinite(g_norm).all(), trigger.any()]) if want_summary else None
-    return _factor_batches(scale, grads), summary
+    return _factor_batches(scale, grads), summary, trigger.sum()
 
 
 def _mul_(batches: List[Tuple[List[Tensor], List[Tensor]]]) -> None:
@@ -242,9 +243,30 @@ def _immediate(device: torch.device) -> bool:
 OnChunk = Optional[Callable[[List[Tensor]], None]]
 
 
+class ClipCounts:
+    """Units clipped and units looked at, summed over calls of :func:`_agc_`. The clipped
+    counts stay on their devices (no host sync per step) until :meth:`pop` reads them."""
+
+    def __init__(self) -> None:
+        self.clipped: Dict[torch.device, Tensor] = {}
+        self.units = 0
+
+    def add(self, clipped: Tensor, units: int) -> None:
+        prev = self.clipped.get(clipped.device)
+        self.clipped[clipped.device] = clipped if prev is None else prev + clipped
+        self.units += units
+
+    def pop(self) -> Tuple[int, int]:
+        """``(clipped, units)`` since the last pop, then reset (one read per device)."""
+        clipped = sum(int(t) for t in self.clipped.values())
+        out = (clipped, self.units)
+        self.clipped, self.units = {}, 0
+        return out
+
+
 def _agc_(params: Sequence[Tensor], clips: Sequence[float], epss: Sequence[float],
-          check_finite: bool, check_only: Sequence[Tensor] = (), on_chunk: OnChunk = None
-          ) -> Optional[Tensor]:
+          check_finite: bool, check_only: Sequence[Tensor] = (), on_chunk: OnChunk = None,
+          counts: Optional[ClipCounts] = None) -> Optional[Tensor]:
     """Clip the gradients of ``params`` in place, with per-tensor clipping and eps.
 
     Tensors are bucketed by (device, norm dtype) and sorted by shape. CPU buckets are
@@ -254,6 +276,7 @@ def _agc_(params: Sequence[Tensor], clips: Sequence[float], epss: Sequence[float
 
     With ``check_finite``, every gradient of ``params`` and ``check_only`` is checked
     before any is modified (or ``on_chunk`` runs); the first non-finite one is returned.
+    ``counts`` (if given) gets the clipped and total units of a call that clipped.
     """
     items = [(p, p.grad, c, e) for p, c, e in zip(params, clips, epss) if p.grad.numel()]
     host, device_plans = [], []
@@ -263,17 +286,19 @@ def _agc_(params: Sequence[Tensor], clips: Sequence[float], epss: Sequence[float
         if _immediate(device):
             host.append((bucket, dtype, None))
         else:
-            batches, summary = _clip_factors(*_columns(bucket), dtype, check_finite)
-            device_plans.append([bucket, batches, summary, True])
+            batches, summary, n_clipped = _clip_factors(*_columns(bucket), dtype, check_finite)
+            device_plans.append([bucket, batches, summary, True, n_clipped])
     if check_finite:
         bad = _check_finite(host, device_plans, check_only)
         if bad is not None:
             return bad
     for bucket, dtype, g_norm in host:
-        _clip_host_bucket(bucket, dtype, g_norm, on_chunk)
-    for bucket, batches, _, clipped in device_plans:
+        _clip_host_bucket(bucket, dtype, g_norm, on_chunk, counts)
+    for bucket, batches, _, clipped, n_clipped in device_plans:
         if clipped:
             _mul_(batches)
+        if counts is not None:
+            counts.add(n_clipped, sum(_unit_count(it[1]) for it in bucket))
     return None
 
 
@@ -298,7 +323,7 @@ def _check_finite(host: List[tuple], device_plans: List[list], check_only: Seque
 
 
 def _clip_host_bucket(bucket: List[tuple], dtype: torch.dtype, g_norm: Optional[Tensor],
-                      on_chunk: OnChunk) -> None:
+                      on_chunk: OnChunk, counts: Optional[ClipCounts] = None) -> None:
     """Clip a CPU bucket chunk by chunk (``g_norm``: its gradients' norms, if known)."""
     start = 0
     for chunk in _chunks(bucket, CPU_CHUNK_BYTES):
@@ -306,9 +331,11 @@ def _clip_host_bucket(bucket: List[tuple], dtype: torch.dtype, g_norm: Optional[
         units = sum(_unit_count(g) for g in gs)
         known = None if g_norm is None else g_norm[start:start + units]
         start += units
-        batches, summary = _clip_factors(ps, gs, cs, es, dtype, True, known)
+        batches, summary, n_clipped = _clip_factors(ps, gs, cs, es, dtype, True, known)
         if summary[1]:
             _mul_(batches)
+        if counts is not None:
+            counts.add(n_clipped, units)
         if on_chunk is not None:
             on_chunk(ps)
 

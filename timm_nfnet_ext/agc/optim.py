@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from torch.optim.sgd import sgd as torch_sgd
 from timm.optim import Lamb
 
 from .clip import (
-    OnChunk, _agc_, _check_clipping, _check_nonfinite, _check_positive, _group_by, _with_dense_grads,
+    ClipCounts, OnChunk, _agc_, _check_clipping, _check_nonfinite, _check_positive, _group_by, _with_dense_grads,
 )
 from . import clip as _clip
 
@@ -61,6 +61,7 @@ class AGCMixin:
         }
         self.nonfinite = _check_nonfinite(nonfinite)
         self.skipped_steps = 0
+        self._clip_counts = ClipCounts()
         super().__init__(params, *args, **kwargs)
         self.defaults.update(self._agc_defaults)
         # Fused torch optimizers let GradScaler skip unscaling; AGC must see unscaled grads.
@@ -75,6 +76,10 @@ class AGCMixin:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        # torch pickles only defaults, state and param_groups: restore our attributes
+        self.__dict__.setdefault('nonfinite', 'raise')
+        self.__dict__.setdefault('skipped_steps', 0)
+        self.__dict__.setdefault('_clip_counts', ClipCounts())
         defaults = getattr(self, '_agc_defaults', None) or self.defaults
         for group in self.param_groups:  # state dicts saved without AGC
             group.setdefault('clipping', defaults.get('clipping', 0.01))
@@ -104,7 +109,7 @@ class AGCMixin:
             clips += [group['clipping']] * len(with_grad)
             epss += [group['agc_eps']] * len(with_grad)
         bad = _agc_(params, clips, epss, check_finite=True, check_only=unclipped,
-                    on_chunk=on_chunk)
+                    on_chunk=on_chunk, counts=self._clip_counts)
         if bad is None:
             return True
         where = self._locate(bad)
@@ -117,6 +122,12 @@ class AGCMixin:
         warnings.warn(f'{type(self).__name__}: skipped a step, the gradient of {where} holds '
                       'inf or NaN', RuntimeWarning, stacklevel=3)
         return False
+
+    def pop_clip_stats(self) -> Tuple[int, int]:
+        """``(clipped, units)``: AGC units whose gradient was clipped, and units looked at,
+        summed over the steps taken since the last call (skipped steps count neither).
+        The counts accumulate on the gradients' device; this call reads them (one sync)."""
+        return self._clip_counts.pop()
 
     def _locate(self, grad: Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
