@@ -740,3 +740,20 @@ def test_optimizer_counts_clipped_units_until_read(batched, monkeypatch):
     set_grads()
     opt.step()
     assert opt.pop_clip_stats() == (0, 0)  # unclipped groups are not looked at
+
+
+def test_agc_optimizer_survives_deepcopy_and_pickle():
+    import copy
+    import io
+    from timm_nfnet_ext.agc import SGDAGC
+    lin = torch.nn.Linear(4, 3)
+    opt = SGDAGC([lin.weight], lr=0.1, clipping=0.02, agc_eps=2e-3, nonfinite='skip')
+    opt.skipped_steps = 2
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(opt), torch.load(buf, weights_only=False)):
+        assert (clone.nonfinite, clone.skipped_steps) == ('skip', 2)
+        clone.add_param_group({'params': [torch.nn.Parameter(torch.ones(3))]})  # needs the AGC defaults
+        assert clone.param_groups[-1]['clipping'] == 0.02 and clone.param_groups[-1]['agc_eps'] == 2e-3
+        assert clone.pop_clip_stats() == (0, 0)

@@ -169,8 +169,7 @@ def test_fast_cpu_gelu_refuses_double_backward_and_can_be_switched_off():
     (gx,) = torch.autograd.grad(gelu_tanh(x).sum(), x)  # first order: fine
     with pytest.raises(RuntimeError, match=r'double backward.*fast_cpu_gelu\(False\)'):
         torch.autograd.grad(gelu_tanh(x).sum(), x, create_graph=True)
-    fast_cpu_gelu(False)
-    try:
+    with fast_cpu_gelu(False):
         y = gelu_tanh(x)
         assert type(y.grad_fn).__name__ == 'GeluBackward0'  # ATen's, twice differentiable
         (g1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
@@ -180,12 +179,10 @@ def test_fast_cpu_gelu_refuses_double_backward_and_can_be_switched_off():
         (r2,) = torch.autograd.grad(r1.sum(), xd)
         assert torch.allclose(g1.double(), r1, atol=1e-5) and torch.allclose(g2.double(), r2, atol=1e-4)
         assert torch.allclose(gx, g1, atol=1e-5)
-    finally:
-        fast_cpu_gelu(True)
     assert type(gelu_tanh(x).grad_fn).__name__ == '_GeluTanhCPUBackward'
 
 
-def test_gelu_under_vmap_forward_ad_and_tracked_inputs_falls_back_to_aten():
+def test_gelu_under_vmap_and_forward_ad_falls_back_to_aten():
     import torch.autograd.forward_ad as fwAD
     from timm_nfnet_ext.layers import gelu_tanh
     act = Activation('gelu')
@@ -198,11 +195,13 @@ def test_gelu_under_vmap_forward_ad_and_tracked_inputs_falls_back_to_aten():
         dual = fwAD.unpack_dual(act(fwAD.make_dual(x, v)))
     assert torch.allclose(dual.tangent, tangent, atol=1e-6)
     tracked = x.clone().requires_grad_()
-    y = gelu_tanh(tracked, inplace=True)  # autograd needs the input: neither out= nor in place
-    assert y.requires_grad and torch.equal(tracked.detach(), x)
+    y = gelu_tanh(tracked, inplace=True)  # a leaf: the fast autograd path, out of place
+    assert type(y.grad_fn).__name__ == '_GeluTanhCPUBackward' and torch.equal(tracked.detach(), x)
 
 
-def test_inplace_gelu_in_training_overwrites_only_non_leaf_inputs():
+def test_inplace_gelu_in_training_overwrites_only_non_leaf_inputs(monkeypatch):
+    from timm_nfnet_ext import layers
+    monkeypatch.setattr(layers, '_GELU_CHUNK', 500)  # in place over several chunks
     act = Activation('gelu', inplace=True)
     w = torch.randn(4, 8, 6, 6, requires_grad=True)
     conv_out = w * 2.0  # a non-leaf nothing else reads, like a conv output
@@ -215,3 +214,46 @@ def test_inplace_gelu_in_training_overwrites_only_non_leaf_inputs():
     kept = leaf.detach().clone()
     y = act(leaf)
     assert y.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), kept)
+
+
+def test_inplace_gelu_leaves_views_and_hooked_outputs_alone():
+    act = Activation('gelu', inplace=True)
+    base = torch.randn(4, 8, 6, 6, requires_grad=True)
+    view = base[:, :4]  # a view of a leaf: autograd refuses to modify it in place
+    act(view).sum().backward()
+    assert torch.allclose(base.grad[:, :4].double(), _gelu_grad64(base.detach()[:, :4], torch.ones(4, 4, 6, 6)),
+                          atol=1e-5)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    conv.register_full_backward_hook(lambda *a: None)  # its output is a view made by a custom Function
+    x = torch.randn(2, 3, 6, 6)
+    y = act(conv(x))
+    y.sum().backward()
+    assert torch.allclose(y, F.gelu(conv(x), approximate='tanh'), atol=1e-6)
+
+
+def test_fast_gelu_backward_stays_finite_for_huge_inputs():
+    from timm_nfnet_ext.layers import gelu_tanh
+    x = torch.tensor([1e3, 1e8, 1e14, 1e20, -1e3, -1e14, 30.0, -30.0], requires_grad=True)
+    gelu_tanh(x * 1.0).sum().backward()  # x * 1.0: a non-leaf, the in-place-capable path
+    ref = _gelu_grad64(x.detach(), torch.ones(8))
+    assert torch.isfinite(x.grad).all()
+    assert torch.allclose(x.grad.double(), ref, atol=1e-6)
+
+
+def test_ws_backward_uses_batch_norm_kernel_only_off_the_floor(monkeypatch):
+    calls = []
+    real = torch.ops.aten.native_batch_norm_backward
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(1)
+            return real(*a)
+    monkeypatch.setattr(torch.ops.aten, 'native_batch_norm_backward', Spy())
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    gain = torch.rand(6, requires_grad=True)
+    standardize_weight(w, gain, 1.7).sum().backward()
+    assert calls == [1]
+    with torch.no_grad():
+        w[2] = 0.5  # a row on the eps floor
+    standardize_weight(w, gain, 1.7).sum().backward()
+    assert calls == [1]  # the written-out gradient

@@ -211,6 +211,24 @@ def test_atomic_text_and_copy_keep_the_previous_file_on_failure(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ['best.csv', 'summary.csv']
 
 
+def test_clip_counts_are_read_through_lookahead():
+    import timm
+    from timm_nfnet_ext.train import _fold
+    lin = torch.nn.Linear(4, 3)
+    opt = timm.optim.create_optimizer_v2(lin, 'lookahead_sgdagc', lr=0.1, clipping=1e-6)
+    lin(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    meters = {'loss_sum': 0.0, 'clipped': 0, 'units': 0}
+    _fold(meters, torch.zeros(()), opt)
+    assert meters['units'] == 4 and meters['clipped'] == 4  # every unit is over a 1e-6 limit
+
+
+def test_deprecated_agc_stats_interval_is_accepted_with_a_note():
+    args, _, notes = resolve_settings(['--quickstart', '--agc-stats-interval', '5'])
+    assert not hasattr(args, 'agc_stats_interval')
+    assert any('--agc-stats-interval is deprecated' in n for n in notes)
+
+
 # --- a finished run ----------------------------------------------------------------------------
 def test_a_run_writes_summary_plot_settings_and_checkpoints(finished_run):
     run_dir, out = finished_run

@@ -15,7 +15,7 @@ Speed choices (each keeps the reference's numbers):
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,8 +66,9 @@ _ACT_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'softplus': F.softplus,
     'tanh': torch.tanh,
 }
-# In-place forms, used at inference (no autograd on the input): a fresh multi-MB output per
-# activation costs page faults comparable to the activation itself on CPU.
+# In-place forms, used at inference (no autograd on the input), and for GELU in training too
+# (see Activation): a fresh multi-MB output per activation costs page faults comparable to the
+# activation itself on CPU.
 _INPLACE_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'identity': lambda x: x,
     'celu': lambda x: F.celu(x, inplace=True),
@@ -100,15 +101,30 @@ _is_functorch_wrapped = getattr(getattr(torch._C, '_functorch', None), 'is_funct
 _fast_cpu_gelu_enabled = True
 
 
-def fast_cpu_gelu(enabled: bool) -> None:
+class fast_cpu_gelu:  # noqa: N801 (used like a function: ``fast_cpu_gelu(False)``)
     """Switch the hand-written CPU float32 tanh-GELU (forward and backward) on or off.
 
     Its backward recomputes the input from the saved output and sigmoid instead of keeping the
     input, so it cannot be differentiated twice: turn it off for double backward on CPU
     (``create_graph=True``, e.g. gradient penalties or AdaHessian); ATen's kernels are used then.
+    A process-wide setting; as a context manager it restores the previous one on exit::
+
+        with timm_nfnet_ext.layers.fast_cpu_gelu(False):
+            loss = model(x).sum()
+            grads = torch.autograd.grad(loss, params, create_graph=True)
     """
-    global _fast_cpu_gelu_enabled
-    _fast_cpu_gelu_enabled = bool(enabled)
+
+    def __init__(self, enabled: bool):
+        global _fast_cpu_gelu_enabled
+        self.previous = _fast_cpu_gelu_enabled
+        _fast_cpu_gelu_enabled = bool(enabled)
+
+    def __enter__(self) -> 'fast_cpu_gelu':
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _fast_cpu_gelu_enabled
+        _fast_cpu_gelu_enabled = self.previous
 
 
 def _fast_cpu_dense(x: torch.Tensor) -> bool:
@@ -128,7 +144,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
-_TWO_A = torch.tensor(_GELU_2A)  # the addcmul base (a 0-dim CPU float32 tensor, made once)
+_TWO_A = torch.tensor(_GELU_2A, dtype=torch.float32, device='cpu')  # addcmul's base, made once (read only)
 
 
 def _gelu_forward_pass(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor, keep_sig: bool) -> None:
@@ -157,7 +173,7 @@ def _gelu_forward(x: torch.Tensor, out: torch.Tensor, sig: torch.Tensor | None =
 
 def _gelu_backward_pass(y: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, out: torch.Tensor,
                         x: torch.Tensor, t: torch.Tensor) -> None:
-    torch.div(y, s, out=x)
+    torch.div(y, s, out=x).clamp_(max=30.0)  # s == 1 above ~9: keeps x u' s (1 - s) at 0, not inf * 0
     torch.addcmul(_TWO_A, x, x, value=3.0 * _GELU_2AB, out=t).mul_(x)  # x u'
     torch.ops.aten.sigmoid_backward.grad_input(t, s, grad_input=out)  # x u' s (1 - s)
     out.add_(s).mul_(grad)
@@ -165,7 +181,7 @@ def _gelu_backward_pass(y: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, ou
 
 def _gelu_backward(y: torch.Tensor, sig: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """d gelu / dx * grad from the output ``y`` and saved sigmoid ``s`` (``x = y / s``):
-    ``s + x s (1 - s) u'`` with ``u' = 2a + 6ab x^2``; six passes over each cache-sized chunk."""
+    ``s + x s (1 - s) u'`` with ``u' = 2a + 6ab x^2``; seven passes over each cache-sized chunk."""
     out = torch.empty_like(y)
     if grad.stride() != y.stride():
         grad = torch.empty_like(y).copy_(grad)  # the passes need one memory order
@@ -186,10 +202,12 @@ class _GeluTanhCPU(torch.autograd.Function):
     """tanh-GELU with a hand-written CPU backward.
 
     ATen's forward and backward both run the slow vectorised ``tanh`` (see ``gelu_tanh``); this
-    pair runs on ``sigmoid``: forward+backward ~1.6x faster per call. It saves the output (which
-    the following conv keeps for its own backward anyway) and the sigmoid instead of the input,
-    so training memory is unchanged; the price is no double backward (``fast_cpu_gelu``).
-    In place (a conv output nothing else reads), the output overwrites the input.
+    pair runs on ``sigmoid``: forward+backward ~1.6x faster per call. It saves the output and
+    the sigmoid instead of the input: where a conv follows (every GELU of the NFNet body), the
+    conv keeps that output for its own backward anyway, so memory is as with ATen (the head's
+    activation, with nothing after it but pooling, keeps one tensor more). The price is no
+    double backward (``fast_cpu_gelu``). In place (a conv output nothing else reads), the
+    output overwrites the input.
     """
 
     @staticmethod
@@ -231,8 +249,8 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     tracked = x.requires_grad and torch.is_grad_enabled()
     if not _fast_cpu_dense(x):
         return torch.ops.aten.gelu_(x, approximate='tanh') if inplace and not tracked else F.gelu(x, approximate='tanh')
-    if tracked:  # a leaf's values must survive: never in place
-        return _GeluTanhCPU.apply(x, inplace and not x.is_leaf)
+    if tracked:  # autograd forbids in-place on leaves and on some views: out of place there
+        return _GeluTanhCPU.apply(x, inplace and not x.is_leaf and not x._is_view())
     return _gelu_forward(x, x if inplace else torch.empty_like(x))  # empty_like keeps dense strides
 
 
@@ -248,7 +266,8 @@ class Activation(nn.Module):
 
     With ``inplace=True`` the input is overwritten at inference, and in training too where the
     activation's backward does not need its input (tanh-GELU on CPU, see ``_GeluTanhCPU``); only
-    set it where nothing else reads the input afterwards.
+    set it where nothing else reads the input afterwards (forward hooks on the conv before it
+    see the overwritten tensor).
     """
 
     def __init__(self, name: str, scale: float = 1.0, inplace: bool = False):

@@ -235,6 +235,7 @@ def _fold(meters: Dict[str, float], pending: torch.Tensor, optimizer: torch.opti
     (checkpointed) meters: one read of each, at log, save and epoch-end points only."""
     meters['loss_sum'] += float(pending)
     pending.zero_()
+    optimizer = getattr(optimizer, '_base_optimizer', optimizer)  # timm's Lookahead wraps it
     if hasattr(optimizer, 'pop_clip_stats'):
         clipped, units = optimizer.pop_clip_stats()
         meters['clipped'] += clipped

@@ -168,12 +168,11 @@ def _factor_batches(scale: Tensor, grads: List[Tensor]) -> List[Tuple[List[Tenso
 def _clip_factors(params: List[Tensor], grads: List[Tensor], clips: List[float],
                   epss: List[float], dtype: torch.dtype, want_summary: bool,
                   g_norm: Optional[Tensor] = None,
-                  ) -> Tuple[List[Tuple[List[Tensor], List[Tensor]]], Optional[Tensor], Tensor]:
+                  ) -> Tuple[List[Tuple[List[Tensor], List[Tensor]]], Optional[Tensor]]:
     """Factors for every gradient (1 where a unit is not clipped), as batches for
-    :func:`_factor_batches`, (if asked) a device tensor ``[all unit norms finite, any
-    unit clipped]``, and the number of clipped units (a device tensor). The lists must be
-    sorted by ndim and shape. Reads, never writes. ``g_norm``: the gradients' unit norms,
-    if already known."""
+    :func:`_factor_batches`, and (if asked) a device tensor ``[all unit norms finite (0/1),
+    number of units clipped]``. The lists must be sorted by ndim and shape. Reads, never
+    writes. ``g_norm``: the gradients' unit norms, if already known."""
     rows = tuple(1 if g.ndim <= 1 else g.shape[0] for g in grads)
     stack = not _immediate(grads[0].device)
     p_norm = _flat_unit_norms(params, dtype, stack)
@@ -184,8 +183,8 @@ def _clip_factors(params: List[Tensor], grads: List[Tensor], clips: List[float],
     max_norm = floor * clip
     trigger = g_norm > max_norm
     scale = torch.where(trigger, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
-    summary = torch.stack([torch.isfinite(g_norm).all(), trigger.any()]) if want_summary else None
-    return _factor_batches(scale, grads), summary, trigger.sum()
+    summary = torch.stack([torch.isfinite(g_norm).all().long(), trigger.sum()]) if want_summary else None
+    return _factor_batches(scale, grads), summary
 
 
 def _mul_(batches: List[Tuple[List[Tensor], List[Tensor]]]) -> None:
@@ -244,23 +243,17 @@ OnChunk = Optional[Callable[[List[Tensor]], None]]
 
 
 class ClipCounts:
-    """Units clipped and units looked at, summed over calls of :func:`_agc_`. The clipped
-    counts stay on their devices (no host sync per step) until :meth:`pop` reads them."""
+    """Units clipped and units looked at, summed over calls of :func:`_agc_` (host integers,
+    from the flags each call reads back anyway)."""
 
     def __init__(self) -> None:
-        self.clipped: Dict[torch.device, Tensor] = {}
+        self.clipped = 0
         self.units = 0
 
-    def add(self, clipped: Tensor, units: int) -> None:
-        prev = self.clipped.get(clipped.device)
-        self.clipped[clipped.device] = clipped if prev is None else prev + clipped
-        self.units += units
-
     def pop(self) -> Tuple[int, int]:
-        """``(clipped, units)`` since the last pop, then reset (one read per device)."""
-        clipped = sum(int(t) for t in self.clipped.values())
-        out = (clipped, self.units)
-        self.clipped, self.units = {}, 0
+        """``(clipped, units)`` since the last pop, then reset."""
+        out = (self.clipped, self.units)
+        self.clipped = self.units = 0
         return out
 
 
@@ -286,19 +279,20 @@ def _agc_(params: Sequence[Tensor], clips: Sequence[float], epss: Sequence[float
         if _immediate(device):
             host.append((bucket, dtype, None))
         else:
-            batches, summary, n_clipped = _clip_factors(*_columns(bucket), dtype, check_finite)
-            device_plans.append([bucket, batches, summary, True, n_clipped])
+            batches, summary = _clip_factors(*_columns(bucket), dtype, check_finite)
+            device_plans.append([bucket, batches, summary, None])  # [3]: units clipped, once read
     if check_finite:
         bad = _check_finite(host, device_plans, check_only)
         if bad is not None:
             return bad
     for bucket, dtype, g_norm in host:
         _clip_host_bucket(bucket, dtype, g_norm, on_chunk, counts)
-    for bucket, batches, _, clipped, n_clipped in device_plans:
-        if clipped:
+    for bucket, batches, _, n_clipped in device_plans:
+        if n_clipped is None or n_clipped:  # None: not read back (no check_finite), apply as is
             _mul_(batches)
-        if counts is not None:
-            counts.add(n_clipped, sum(_unit_count(it[1]) for it in bucket))
+        if counts is not None and n_clipped is not None:
+            counts.clipped += n_clipped
+            counts.units += sum(_unit_count(it[1]) for it in bucket)
     return None
 
 
@@ -313,7 +307,7 @@ def _check_finite(host: List[tuple], device_plans: List[list], check_only: Seque
             return _first_nonfinite([it[1] for it in bucket])
         host[i] = (bucket, dtype, g_norm)
     for plan in device_plans:  # the first read syncs once with the device
-        finite, plan[3] = plan[2].tolist()
+        finite, plan[3] = plan[2].tolist()  # plan[3]: the number of units clipped
         if not finite:
             return _first_nonfinite([it[1] for it in plan[0]])
     for grads, ok in guards:
@@ -331,11 +325,13 @@ def _clip_host_bucket(bucket: List[tuple], dtype: torch.dtype, g_norm: Optional[
         units = sum(_unit_count(g) for g in gs)
         known = None if g_norm is None else g_norm[start:start + units]
         start += units
-        batches, summary, n_clipped = _clip_factors(ps, gs, cs, es, dtype, True, known)
-        if summary[1]:
+        batches, summary = _clip_factors(ps, gs, cs, es, dtype, True, known)
+        n_clipped = int(summary[1])
+        if n_clipped:
             _mul_(batches)
         if counts is not None:
-            counts.add(n_clipped, units)
+            counts.clipped += n_clipped
+            counts.units += units
         if on_chunk is not None:
             on_chunk(ps)
 

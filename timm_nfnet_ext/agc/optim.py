@@ -74,16 +74,25 @@ class AGCMixin:
         _validate_group(param_group)
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch pickles only defaults, state and param_groups (also for copy.deepcopy)
+        state = super().__getstate__()
+        state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps,
+                     _agc_defaults=self._agc_defaults)
+        return state
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        # torch pickles only defaults, state and param_groups: restore our attributes
-        self.__dict__.setdefault('nonfinite', 'raise')
+        self.__dict__.setdefault('nonfinite', 'raise')  # pickled by an older version
         self.__dict__.setdefault('skipped_steps', 0)
-        self.__dict__.setdefault('_clip_counts', ClipCounts())
-        defaults = getattr(self, '_agc_defaults', None) or self.defaults
+        if '_agc_defaults' not in self.__dict__:
+            self._agc_defaults = {'clipping': self.defaults.get('clipping', 0.01),
+                                  'agc_eps': self.defaults.get('agc_eps', 1e-3)}
+        self._clip_counts = ClipCounts()
+        self._step_supports_amp_scaling = False
         for group in self.param_groups:  # state dicts saved without AGC
-            group.setdefault('clipping', defaults.get('clipping', 0.01))
-            group.setdefault('agc_eps', defaults.get('agc_eps', 1e-3))
+            group.setdefault('clipping', self._agc_defaults['clipping'])
+            group.setdefault('agc_eps', self._agc_defaults['agc_eps'])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
