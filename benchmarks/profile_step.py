@@ -7,8 +7,9 @@ Times forward+backward alone for timm's ``dm_nfnet_*`` and for this package's mo
 each weight-standardisation variant (``shipped``: what ``standardize_weight`` picks for the
 device; ``custom``: the hand-written autograd function; ``autograd``: the plain expression;
 ``batchnorm``: ``F.batch_norm`` on the weights, which ignores the reference's eps floor and is
-shown only as a bound), then the optimizer step alone (timm's
-``adaptive_clip_grad`` + SGD vs ``sgdagc``), and prints the top kernels of one step of each model.
+shown only as a bound), ours with ATen's GELU instead of the hand-written CPU one, then the
+optimizer step alone (timm's ``adaptive_clip_grad`` + SGD vs ``sgdagc``), and prints the top
+kernels of one step of each model.
 """
 from __future__ import annotations
 
@@ -82,6 +83,10 @@ def main():
                   flush=True)
         finally:
             layers.WSConv2d.standardized_weight = orig
+
+    with layers.fast_cpu_gelu(False):  # ATen's tanh-GELU (only differs on CPU float32)
+        print(f'fwd+bwd ours, ATen GELU    {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
+              flush=True)
 
     from timm.utils.agc import adaptive_clip_grad
     fwd_bwd(models['timm'])()

@@ -225,7 +225,7 @@ def test_inplace_gelu_leaves_views_and_hooked_outputs_alone():
                           atol=1e-5)
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     conv.register_full_backward_hook(lambda *a: None)  # its output is a view made by a custom Function
-    x = torch.randn(2, 3, 6, 6)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
     y = act(conv(x))
     y.sum().backward()
     assert torch.allclose(y, F.gelu(conv(x), approximate='tanh'), atol=1e-6)
