@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import timm
-import timm_nfnet_ext  # noqa: F401
-from timm_nfnet_ext import layers
+from timm_nfnet_ext import layers  # (registers the models)
+from timm_nfnet_ext.gelu import fast_cpu_gelu
 
 from bench import autocast, time_fn  # this script's folder is on sys.path
 
@@ -84,7 +84,7 @@ def main():
         finally:
             layers.WSConv2d.standardized_weight = orig
 
-    with layers.fast_cpu_gelu(False):  # ATen's tanh-GELU (only differs on CPU float32)
+    with fast_cpu_gelu(False):  # ATen's tanh-GELU (only differs on CPU float32)
         print(f'fwd+bwd ours, ATen GELU    {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
               flush=True)
 

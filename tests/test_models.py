@@ -202,7 +202,7 @@ def test_float32_cpu_training_gradients_match_float64():
     standardisation through the batch-norm backward kernel) against float64, where ATen's GELU
     runs (the float64 weight standardisation is checked against autograd in test_layers)."""
     import copy
-    from timm_nfnet_ext.layers import _GeluTanhCPU
+    from timm_nfnet_ext.gelu import _GeluTanhCPU
     m = tiny_model(drop_rate=0.0).train()
     for p in m.parameters():  # non-trivial gains, biases and skip gains
         p.data.add_(torch.randn_like(p) * 0.1)
@@ -244,9 +244,9 @@ def test_torch_compile_fullgraph():
 
 
 def test_compiled_cpu_gelu_is_the_sigmoid_form_with_the_same_values_and_gradients():
-    from timm_nfnet_ext import layers
+    from timm_nfnet_ext import gelu
     traced = []
-    real = layers._gelu_tanh_sigmoid
+    real = gelu._gelu_tanh_sigmoid
 
     def spy(x):
         traced.append(x.shape)
@@ -254,7 +254,7 @@ def test_compiled_cpu_gelu_is_the_sigmoid_form_with_the_same_values_and_gradient
     m = tiny_model().eval()  # eval: no random stochastic depth; autograd still runs through the params
     x = torch.randn(2, 3, 64, 64)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layers, '_gelu_tanh_sigmoid', spy)
+        mp.setattr(gelu, '_gelu_tanh_sigmoid', spy)
         # aot_eager: dynamo + AOTAutograd's backward graph, without needing a C++ compiler
         compiled = torch.compile(m, backend='aot_eager', fullgraph=True)
         out_c = compiled(x)
@@ -262,7 +262,7 @@ def test_compiled_cpu_gelu_is_the_sigmoid_form_with_the_same_values_and_gradient
     out_c.square().sum().backward()
     grads_c = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    out_e = m(x)  # eager: ATen's tanh-GELU
+    out_e = m(x)  # eager: the chunked CPU GELU and its own backward
     out_e.square().sum().backward()
     assert torch.allclose(out_c, out_e, atol=1e-5)
     for gc, p in zip(grads_c, m.parameters()):
