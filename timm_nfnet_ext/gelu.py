@@ -14,7 +14,7 @@ through ``_GeluTanhCPU`` with a backward of its own, under ``torch.compile`` as 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,30 +80,42 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
+def _in_chunks(pass_fn: Callable[..., None], tensors: Sequence[torch.Tensor], n_scratch: int) -> None:
+    """``pass_fn(*tensor_chunks, *scratch)`` over cache-sized chunks of ``tensors`` (dense, all
+    strided alike, so that their flat memory lines up), with ``n_scratch`` scratch buffers."""
+    n = tensors[0].numel()
+    if n <= _GELU_CHUNK:  # one chunk: no views to build
+        pass_fn(*tensors, *(torch.empty_like(tensors[0]) for _ in range(n_scratch)))
+        return
+    flats = [_flat(t) for t in tensors]
+    scratch = [torch.empty(_GELU_CHUNK, dtype=tensors[0].dtype) for _ in range(n_scratch)]
+    for i in range(0, n, _GELU_CHUNK):
+        chunks = [f[i:i + _GELU_CHUNK] for f in flats]
+        k = chunks[0].numel()
+        pass_fn(*chunks, *(b[:k] for b in scratch))
+
+
 _TWO_A = torch.tensor(_GELU_2A, dtype=torch.float32, device='cpu')  # addcmul's base, made once (read only)
 
 
-def _gelu_forward_pass(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor, keep_sig: bool) -> None:
+def _gelu_forward_pass(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> None:
     torch.addcmul(_TWO_A, x, x, value=_GELU_2AB, out=s)  # 2a + 2ab x^2
     s.mul_(x).sigmoid_()
     torch.mul(x, s, out=out)
-    if keep_sig:
-        s.clamp_min_(_SIGMOID_FLOOR)
+
+
+def _gelu_forward_keep_sig(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> None:
+    _gelu_forward_pass(x, out, s)
+    s.clamp_min_(_SIGMOID_FLOOR)
 
 
 def _gelu_forward(x: torch.Tensor, out: torch.Tensor, sig: torch.Tensor | None = None) -> torch.Tensor:
     """``out = x * s``, ``s = sigmoid(x (2a + 2ab x^2))``: four ATen passes over each cache-sized
     chunk. ``sig`` (dense, strided like ``x``) receives ``s`` floored at ``_SIGMOID_FLOOR`` if given."""
-    keep = sig is not None
-    n = x.numel()
-    if n <= _GELU_CHUNK:  # one chunk: no views to build
-        _gelu_forward_pass(x, out, sig if keep else torch.empty_like(x), keep)
-        return out
-    fx, fo = _flat(x), _flat(out)
-    fs = _flat(sig) if keep else torch.empty(_GELU_CHUNK, dtype=x.dtype)
-    for i in range(0, n, _GELU_CHUNK):
-        xs = fx[i:i + _GELU_CHUNK]
-        _gelu_forward_pass(xs, fo[i:i + _GELU_CHUNK], fs[i:i + _GELU_CHUNK] if keep else fs[:xs.numel()], keep)
+    if sig is None:
+        _in_chunks(_gelu_forward_pass, (x, out), n_scratch=1)
+    else:
+        _in_chunks(_gelu_forward_keep_sig, (x, out, sig), n_scratch=0)
     return out
 
 
@@ -121,16 +133,7 @@ def _gelu_backward(y: torch.Tensor, sig: torch.Tensor, grad: torch.Tensor) -> to
     out = torch.empty_like(y)
     if grad.stride() != y.stride():
         grad = torch.empty_like(y).copy_(grad)  # the passes need one memory order
-    n = y.numel()
-    if n <= _GELU_CHUNK:
-        _gelu_backward_pass(y, sig, grad, out, torch.empty_like(y), torch.empty_like(y))
-        return out
-    fy, fs, fg, fo = _flat(y), _flat(sig), _flat(grad), _flat(out)
-    x_buf, t_buf = torch.empty(_GELU_CHUNK, dtype=y.dtype), torch.empty(_GELU_CHUNK, dtype=y.dtype)
-    for i in range(0, n, _GELU_CHUNK):
-        s = fs[i:i + _GELU_CHUNK]
-        k = s.numel()
-        _gelu_backward_pass(fy[i:i + _GELU_CHUNK], s, fg[i:i + _GELU_CHUNK], fo[i:i + _GELU_CHUNK], x_buf[:k], t_buf[:k])
+    _in_chunks(_gelu_backward_pass, (y, sig, grad, out), n_scratch=2)
     return out
 
 
