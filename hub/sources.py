@@ -95,7 +95,6 @@ def download(url: str, cache_dir: PathLike, size: Optional[int] = None,
     name = os.path.basename(urlparse(url).path) or 'checkpoint'
     # keyed by the whole URL: two URLs ending in the same file name are different files
     final = cache_dir / f'{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}'
-
     if final.is_file():
         try:
             return final, check_source_file(final, size, sha256)

@@ -401,3 +401,14 @@ def test_console_script_and_timm_train_py_plugin_pieces():
     proc = subprocess.run([sys.executable, '-c', code], env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ['SGDAGC', '[0.01]']
+
+
+@pytest.mark.parametrize('has_val,mode', [(True, 'max'), (False, 'min')])
+def test_plateau_follows_the_metric_actually_tracked(has_val, mode):
+    """Without a validation split the plateau scheduler watches the training loss: lower is better."""
+    from timm_nfnet_ext.train_setup import _scheduler
+    args, _, _ = resolve_settings(['--quickstart', '--sched', 'plateau', '--eval-metric', 'top1'])
+    args.sched_on_updates = False  # plateau steps per epoch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched, _ = _scheduler(opt, args, 10, has_val=has_val)
+    assert sched.lr_scheduler.mode == mode

@@ -228,7 +228,8 @@ def _create_model(args: Any, num_classes: int) -> Tuple[nn.Module, Dict[str, Any
     return model, arch
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, args: Any, steps_per_epoch: int) -> Tuple[Any, int]:
+def _scheduler(optimizer: torch.optim.Optimizer, args: Any, steps_per_epoch: int,
+               has_val: bool) -> Tuple[Any, int]:
     from timm.scheduler import create_scheduler_v2
     epochs = args.epochs - (args.warmup_epochs if args.warmup_prefix else 0)
     try:
@@ -238,7 +239,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, args: Any, steps_per_epoch: int
             decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
             warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch,
-            plateau_mode='min' if args.eval_metric == 'loss' else 'max')
+            # the plateau metric is --eval-metric, or the training loss without a validation split
+            plateau_mode='min' if args.eval_metric == 'loss' or not has_val else 'max')
     except (ValueError, AssertionError, TypeError) as e:
         raise TrainError(f'cannot create scheduler {args.sched!r}: {e}') from e
     return sched, total
@@ -346,7 +348,7 @@ def prepare(args: Any, dist_info: DistInfo) -> Run:
     if args.lr is None:
         args.lr = _lr_from_base(args, global_batch)
     optimizer = build_optimizer(model, args, opt_name, clipping, opt_kwargs)
-    scheduler, num_epochs = _scheduler(optimizer, args, steps)
+    scheduler, num_epochs = _scheduler(optimizer, args, steps, has_val=data.val is not None)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
 

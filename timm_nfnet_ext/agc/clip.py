@@ -269,7 +269,8 @@ def _agc_(params: Sequence[Tensor], clips: Sequence[float], epss: Sequence[float
 
     With ``check_finite``, every gradient of ``params`` and ``check_only`` is checked
     before any is modified (or ``on_chunk`` runs); the first non-finite one is returned.
-    ``counts`` (if given) gets the clipped and total units of a call that clipped.
+    ``counts`` (if given) gets the clipped and total units of every bucket whose flags were read
+    back (CPU buckets always; others only with ``check_finite``, as in the optimizers).
     """
     items = [(p, p.grad, c, e) for p, c, e in zip(params, clips, epss) if p.grad.numel()]
     host, device_plans = [], []

@@ -135,7 +135,7 @@ class AGCMixin:
     def pop_clip_stats(self) -> Tuple[int, int]:
         """``(clipped, units)``: AGC units whose gradient was clipped, and units looked at,
         summed over the steps taken since the last call (skipped steps count neither).
-        The counts accumulate on the gradients' device; this call reads them (one sync)."""
+        Host integers, taken from the flags each step reads back anyway: no sync here."""
         return self._clip_counts.pop()
 
     def _locate(self, grad: Tensor) -> str:
