@@ -316,13 +316,17 @@ def test_sgdagc_matches_numpy_reference_over_steps(dtype, rtol, foreach):
     assert params['no_grad'] not in opt.state
 
 
-@pytest.mark.parametrize('chunk_bytes,foreach', [(1, True), (1, False), (1 << 40, True)])
-def test_sgdagc_is_clip_then_torch_sgd_bit_exact(monkeypatch, chunk_bytes, foreach):
+@pytest.mark.parametrize('chunk_bytes,foreach,variant', [
+    (1, True, {}), (1, False, {}), (1 << 40, True, {}), (1 << 40, False, {}),
+    (1, False, dict(nesterov=False, dampening=0.1, weight_decay=0.0)),
+    (1, False, dict(maximize=True)), (1, False, dict(momentum=0.0, nesterov=False)),
+])
+def test_sgdagc_is_clip_then_torch_sgd_bit_exact(monkeypatch, chunk_bytes, foreach, variant):
     monkeypatch.setattr(agc_clip, 'CPU_CHUNK_BYTES', chunk_bytes)  # chunked updates on CPU
     rng = np.random.default_rng(6)
     arrays = list(np_params(rng).values()) * 2
     a, b = to_params(arrays, torch.float32), to_params(arrays, torch.float32)
-    kw = dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-2, foreach=foreach)
+    kw = {**dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-2, foreach=foreach), **variant}
     opt_a, opt_b = SGDAGC(a, clipping=CLIP, **kw), torch.optim.SGD(b, **kw)
     for _ in range(3):
         grads = [unit_ratios_grad(rng, p.detach().numpy()) for p in a]
@@ -331,8 +335,12 @@ def test_sgdagc_is_clip_then_torch_sgd_bit_exact(monkeypatch, chunk_bytes, forea
         opt_a.step()
         adaptive_clip_grad_(b, CLIP)
         opt_b.step()
+        for x, y in zip(a, b):  # the gradients are left clipped, as torch's step leaves them
+            assert torch.equal(x.grad, y.grad)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+        if kw['momentum']:
+            assert torch.equal(opt_a.state[x]['momentum_buffer'], opt_b.state[y]['momentum_buffer'])
 
 
 @pytest.mark.parametrize('cls,base,kw', [
