@@ -343,6 +343,40 @@ def test_sgdagc_is_clip_then_torch_sgd_bit_exact(monkeypatch, chunk_bytes, forea
             assert torch.equal(opt_a.state[x]['momentum_buffer'], opt_b.state[y]['momentum_buffer'])
 
 
+@pytest.mark.parametrize('variant', [{}, dict(maximize=True), dict(nesterov=False, dampening=0.3)])
+def test_sgdagc_bit_exact_for_half_and_non_contiguous_params(monkeypatch, variant):
+    # the scratch buffer must take the parameter's memory order: an elementwise op's output
+    # layout picks its inner loop, which changes bf16/fp16 rounding (and the buffers' strides)
+    monkeypatch.setattr(agc_clip, 'CPU_CHUNK_BYTES', 1)
+    rng = np.random.default_rng(8)
+
+    def make():
+        torch.manual_seed(0)
+        conv = torch.randn(16, 8, 3, 3)
+        lin = torch.randn(12, 10)
+        return [nn.Parameter(conv.contiguous(memory_format=torch.channels_last)),
+                nn.Parameter(conv.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)),
+                nn.Parameter(conv.to(torch.float16).contiguous(memory_format=torch.channels_last)),
+                nn.Parameter(lin.to(torch.bfloat16).t()),  # not contiguous; its gradient is
+                nn.Parameter(lin.to(torch.bfloat16))]
+    a, b = make(), make()
+    kw = {**dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-2, foreach=False), **variant}
+    opt_a, opt_b = SGDAGC(a, clipping=CLIP, **kw), torch.optim.SGD(b, **kw)
+    for _ in range(3):
+        for x, y in zip(a, b):
+            g = torch.tensor(rng.standard_normal(x.shape), dtype=x.dtype)
+            x.grad = torch.empty_like(x).copy_(g) if x.is_contiguous(memory_format=torch.channels_last) \
+                and x.dim() == 4 else g
+            y.grad = x.grad.clone()
+        opt_a.step()
+        adaptive_clip_grad_(b, CLIP)
+        opt_b.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y) and torch.equal(x.grad, y.grad)
+        buf_a, buf_b = opt_a.state[x]['momentum_buffer'], opt_b.state[y]['momentum_buffer']
+        assert torch.equal(buf_a, buf_b) and buf_a.stride() == buf_b.stride()
+
+
 @pytest.mark.parametrize('cls,base,kw', [
     (AdamWAGC, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
     (LambAGC, Lamb, dict(lr=1e-2, weight_decay=0.05)),
