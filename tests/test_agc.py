@@ -690,6 +690,12 @@ def test_bad_types_and_modes():
     sparse.grad = torch.ones(3).to_sparse()
     with pytest.raises(RuntimeError, match='sparse'):
         adaptive_clip_grad_([sparse])
+    cplx = nn.Parameter(torch.ones(2, 3, dtype=torch.complex64))
+    cplx.grad = torch.ones_like(cplx)
+    with pytest.raises(TypeError, match='complex parameters'):
+        adaptive_clip_grad_([cplx])
+    with pytest.raises(TypeError, match='complex parameters'):
+        SGDAGC([cplx], lr=0.1).step()
 
 
 def test_model_without_classifier_is_rejected():

@@ -382,10 +382,13 @@ def adaptive_clip_grad_(
 
 
 def _with_dense_grads(params: Iterable[Tensor]) -> List[Tensor]:
-    """Parameters that have a gradient; sparse gradients are an error."""
+    """Parameters that have a gradient; sparse gradients and complex parameters are errors."""
     out = [p for p in params if p.grad is not None]
     for p in out:
         if p.grad.is_sparse:
             raise RuntimeError(f'AGC does not support sparse gradients (parameter of shape '
                                f'{tuple(p.shape)})')
+        if p.is_complex() or p.grad.is_complex():
+            raise TypeError(f'AGC does not support complex parameters (parameter of shape '
+                            f'{tuple(p.shape)}, {p.dtype}); its unit-wise norms are defined for real tensors')
     return out
