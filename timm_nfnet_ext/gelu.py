@@ -135,10 +135,10 @@ class _GeluTanhCPU(torch.autograd.Function):
 
     ATen's forward and backward both run the slow vectorised ``tanh`` (see ``gelu_tanh``); this
     pair runs on ``sigmoid``: the forward also writes the derivative, which is all the backward
-    needs (one multiply), 1.7-1.9x faster than ATen's pair per call at F0's shapes. It saves that one tensor where
-    ATen saves the input, so memory is as with ATen. The price is no double backward
-    (``fast_cpu_gelu``). In place (a conv output nothing else reads), the output overwrites the
-    input.
+    needs (one multiply); 1.7-1.9x faster than ATen's pair per call at F0's shapes. It saves
+    that one tensor where ATen saves the input, so memory is as with ATen. The price is no
+    double backward (``fast_cpu_gelu``). In place (a conv output nothing else reads), the
+    output overwrites the input.
     """
 
     @staticmethod
