@@ -50,7 +50,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--model', default='nfnet_f0')
     p.add_argument('--device', default='cuda')
-    p.add_argument('--amp', default=None, choices=['bf16', 'none'],
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                    help='autocast dtype (default: bf16 on CUDA; none on CPU, where bf16 convs are emulated and slow)')
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--px', type=int, default=192)
