@@ -7,7 +7,8 @@ Prints how far the two models' outputs are apart, then a table of timings and ra
 ours time, the median over back-to-back pairs: > 1 means this package is faster), and writes the
 same as JSON:
 - inference, eager, per batch size and resolution: timm vs ours, ours after
-  ``timm.utils.reparameterize_model`` (fused), both in channels_last, and both compiled;
+  ``timm.utils.reparameterize_model`` (fused), both in channels_last, ours fused and prepacked
+  (``timm_nfnet_ext.prepack_for_cpu``, CPU only), and both compiled;
 - one training step (forward, backward, AGC, SGD step): timm's model + timm's
   ``adaptive_clip_grad`` + ``torch.optim.SGD`` vs ours + ``sgdagc``;
 - peak memory of each training step (CUDA: max allocated; CPU: peak RSS of a child process);
@@ -34,6 +35,7 @@ import torch.nn as nn
 import timm
 import timm_nfnet_ext  # noqa: F401  (registers the models and AGC optimizers)
 from timm_nfnet_ext.checkpoint import checkpoint_filter_fn
+from timm_nfnet_ext.prepack import onednn_available, prepack_for_cpu
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -142,6 +144,8 @@ def bench_inference(args, theirs, ours, peak: float) -> List[Dict]:
         'channels_last, ours fused': (copy.deepcopy(theirs).to(memory_format=torch.channels_last),
                                       copy.deepcopy(fused).to(memory_format=torch.channels_last)),
     }
+    if args.device == 'cpu' and onednn_available():  # conv weights reordered once, not per call
+        variants['eager, ours fused + prepacked'] = (theirs, prepack_for_cpu(ours))
     for size in args.sizes:
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, size, size, device=args.device)
@@ -254,7 +258,7 @@ def _print_row(row: Dict) -> None:
     extra = ''
     if 'ours_gflops' in row:
         extra = f'  {row["ours_img_s"]:8.2f} img/s  {row["ours_gflops"]:8.1f} GFLOP/s ({100 * row["ours_of_peak"]:.0f}% of peak)'
-    print(f'{row["case"]:<34} b{row["batch"]:<3} {row["px"]:>4}px  timm {row["timm_ms"]:9.1f} ms  '
+    print(f'{row["case"]:<36} b{row["batch"]:<3} {row["px"]:>4}px  timm {row["timm_ms"]:9.1f} ms  '
           f'ours {row["ours_ms"]:9.1f} ms  x{row["ratio"]:.2f}{extra}', flush=True)
 
 

@@ -24,11 +24,12 @@ from .agc import (
 )
 from .layers import GAMMAS, WSConv2d
 from .nfnet import MODEL_CFGS, NFBlock, NFNet, NfNetCfg
+from .prepack import prepack_for_cpu
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'NFNet', 'NFBlock', 'NfNetCfg', 'MODEL_CFGS', 'WSConv2d', 'GAMMAS',
+    'NFNet', 'NFBlock', 'NfNetCfg', 'MODEL_CFGS', 'WSConv2d', 'GAMMAS', 'prepack_for_cpu',
     'CheckpointError', 'UnsafeCheckpointError', 'checkpoint_filter_fn', 'load_checkpoint_file', 'read_deepmind_pickle',
     'SGDAGC', 'AdamWAGC', 'LambAGC', 'AGCMixin', 'with_agc', 'adaptive_clip_grad_', 'agc_param_groups',
     'register_agc_optimizer', 'unitwise_norm',

@@ -26,7 +26,7 @@ from timm.layers.padding import get_same_padding
 from .gelu import fast_cpu_gelu, gelu_tanh
 
 __all__ = [
-    'GAMMAS', 'get_act_fn', 'same_pads', 'SameConv2d', 'standardize_weight', 'WSConv2d', 'SqueezeExcite',
+    'GAMMAS', 'get_act_fn', 'same_pads', 'pad_same', 'SameConv2d', 'standardize_weight', 'WSConv2d', 'SqueezeExcite',
     'StochasticDepthMask', 'gelu_tanh', 'fast_cpu_gelu',
 ]
 
@@ -133,21 +133,25 @@ def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def conv2d_same(
-        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
-) -> torch.Tensor:
-    """``F.conv2d`` with XLA 'SAME' padding.
+def pad_same(x: torch.Tensor, kernel: Tuple[int, int], stride: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """XLA 'SAME' padding for a conv: ``(input, conv_padding)``.
 
     Symmetric padding goes to the conv (no copy); only the asymmetric case (a stride-2 conv on
     an even size pads 0 low, 1 high) materialises a padded input.
     """
-    kh, kw = weight.shape[-2:]
-    ph = same_pads(x.shape[-2], kh, stride)
-    pw = same_pads(x.shape[-1], kw, stride)
+    ph = same_pads(x.shape[-2], kernel[0], stride)
+    pw = same_pads(x.shape[-1], kernel[1], stride)
     if ph[0] == ph[1] and pw[0] == pw[1]:
-        return F.conv2d(x, weight, bias, stride, (ph[0], pw[0]), 1, groups)
-    x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
-    return F.conv2d(x, weight, bias, stride, 0, 1, groups)
+        return x, (ph[0], pw[0])
+    return F.pad(x, (pw[0], pw[1], ph[0], ph[1])), (0, 0)
+
+
+def conv2d_same(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
+) -> torch.Tensor:
+    """``F.conv2d`` with XLA 'SAME' padding (see ``pad_same``)."""
+    x, padding = pad_same(x, weight.shape[-2:], stride)
+    return F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
 
 class SameConv2d(nn.Conv2d):

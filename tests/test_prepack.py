@@ -1,0 +1,117 @@
+"""prepack_for_cpu: oneDNN-reordered conv weights for CPU inference, against the fused model."""
+import copy
+import io
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from timm_nfnet_ext import prepack
+from timm_nfnet_ext.checkpoint import checkpoint_filter_fn, load_checkpoint_file
+from timm_nfnet_ext.layers import SameConv2d, WSConv2d
+from timm_nfnet_ext.prepack import PrepackedConv2d, prepack_for_cpu
+
+from conftest import FIXTURE_NAMES, FIXTURES, fixture_arrays, fixture_model_kwargs, tiny_model
+
+pytestmark = pytest.mark.skipif(not prepack.onednn_available(), reason='this PyTorch has no oneDNN')
+
+
+def _convs(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize('name', FIXTURE_NAMES)
+def test_prepacked_model_reproduces_deepmind_outputs(name):
+    model = timm.create_model('nfnet_f0', **fixture_model_kwargs(name)).eval()
+    model.load_state_dict(checkpoint_filter_fn(load_checkpoint_file(FIXTURES / name / 'params.pkl'), model))
+    packed = prepack_for_cpu(model)
+    assert all(type(m) is PrepackedConv2d for m in _convs(packed))
+    assert any(isinstance(m, WSConv2d) for m in model.modules())  # the original is left as it was
+    x, logits, _ = fixture_arrays(name)
+    with torch.inference_mode():
+        got = packed(x)
+    assert all(len(m.packs) == 1 for m in _convs(packed))  # every conv ran on its reordered weight
+    np.testing.assert_array_less(np.abs(got.numpy() - logits).max(), 1e-5)
+
+
+@pytest.mark.parametrize('shape', [(1, 3, 64, 64), (2, 3, 67, 45)])  # even and odd sizes: both 'SAME' paths
+def test_prepacked_equals_fused_and_follows_shapes(shape):
+    model = tiny_model().eval()
+    fused = timm.utils.reparameterize_model(model)
+    packed = prepack_for_cpu(model)
+    assert any(m.same_padding for m in _convs(packed)) and not all(m.same_padding for m in _convs(packed))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert (packed(x) - fused(x)).abs().max().item() <= 1e-5
+        packed(torch.randn(1, 3, 96, 96))  # a second input shape: a second reordered weight
+    assert all(len(m.packs) == 2 for m in _convs(packed))
+    with torch.no_grad():
+        for px in (32, 40, 48, 56):  # past the per-conv limit the old ones are dropped
+            packed(torch.randn(1, 3, px, px))
+    assert all(1 <= len(m.packs) <= prepack._MAX_SHAPES for m in _convs(packed))
+
+
+def test_prepacked_weights_follow_in_place_weight_changes():
+    model, other = tiny_model().eval(), tiny_model().eval()  # two different random inits
+    packed = prepack_for_cpu(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = packed(x)
+        packed.load_state_dict(timm.utils.reparameterize_model(other).state_dict())
+        after = packed(x)
+        expected = timm.utils.reparameterize_model(other)(x)
+    assert (after - expected).abs().max().item() <= 1e-5
+    assert (after - before).abs().max().item() > 1e-2
+
+
+def test_autograd_and_other_dtypes_take_the_plain_conv():
+    model = tiny_model().eval()
+    fused = timm.utils.reparameterize_model(model)
+    packed = prepack_for_cpu(model)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    out = packed(x)  # autograd recording: F.conv2d, gradients as the fused model's
+    assert all(len(m.packs) == 0 for m in _convs(packed))
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(fused(x).sum(), x)
+    assert torch.allclose(g, g_ref, atol=1e-5)
+    with torch.no_grad():
+        y64 = packed.double()(x.detach().double())
+    assert y64.dtype == torch.float64 and all(len(m.packs) == 0 for m in _convs(packed))
+
+
+def test_copies_state_dict_and_pickles_of_a_prepacked_model():
+    model = tiny_model().eval()
+    packed = prepack_for_cpu(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = packed(x)
+    twin = copy.deepcopy(packed)  # oneDNN's opaque weights cannot be copied: the copy remakes them
+    assert all(len(m.packs) == 0 for m in _convs(twin))
+    assert list(packed.state_dict()) == list(timm.utils.reparameterize_model(model).state_dict())
+    conv = packed.stem.conv0
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(twin(x), y)
+        z = torch.randn(1, 3, 33, 33)
+        assert torch.equal(again(z), conv(z))
+    assert isinstance(again, PrepackedConv2d) and again.same_padding and "padding='SAME'" in repr(again)
+
+
+def test_bad_inputs_are_named(monkeypatch):
+    with pytest.raises(TypeError, match='zero padding'):
+        PrepackedConv2d(torch.nn.Conv2d(3, 8, 3, padding='same'))
+    with pytest.raises(ValueError, match='no nn.Conv2d'):
+        prepack_for_cpu(torch.nn.Linear(3, 4))
+    monkeypatch.setattr(prepack.torch.backends.mkldnn, 'is_available', lambda: False)
+    with pytest.raises(RuntimeError, match='oneDNN'):
+        prepack_for_cpu(tiny_model())
+
+
+def test_prepacked_conv_shares_the_conv_parameters():
+    conv = SameConv2d(4, 8, 3, stride=2)
+    wrapped = PrepackedConv2d(conv)
+    assert wrapped.weight is conv.weight and wrapped.bias is conv.bias  # shared, not copied
