@@ -2,17 +2,20 @@
 
 A fused conv (``WSConv2d.fuse()``) still hands oneDNN a plain weight on every call, and oneDNN
 reorders it into its blocked layout each time: for F0 that is all 286 MB of weights read and
-written into fresh memory per forward pass, which at batch 1 is 10-15% of the pass (at batch 8
+written into fresh memory per forward pass, which at batch 1 is 15-25% of the pass (at batch 8
 it is lost in the convolutions). ``torch.compile``'s CPU freezing pass does the reorder once
 (``torch._C._nn.mkldnn_reorder_conv2d_weight``) and then calls oneDNN's conv with the reordered
 weight (``torch.ops.mkldnn._convolution_pointwise``); eager PyTorch has no public way to do the
-same, so ``PrepackedConv2d`` does it with those two ops. The reorder depends on the input's
-shape, so each conv keeps its reordered weight for the last few input shapes it saw.
+same, so ``PrepackedConv2d`` does it with those two ops. The reorder is chosen for an input
+shape, so each conv keeps one reordered weight, for the input shape of its recent calls: one
+more copy of the weights in memory, however many shapes come. A shape is reordered for once it
+comes twice in a row; until then the call is a plain conv, so inputs whose shape changes on
+every call run as in the fused model (reordering for each of them measured 7% slower than that).
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,8 +26,6 @@ from .layers import SameConv2d, pad_same
 
 __all__ = ['PrepackedConv2d', 'prepack_for_cpu', 'onednn_available']
 
-_MAX_SHAPES = 4  # reordered weights kept per conv (one per input shape; a new shape past this clears them)
-
 
 def onednn_available() -> bool:
     """Whether this PyTorch has the oneDNN ops ``PrepackedConv2d`` runs on."""
@@ -33,8 +34,11 @@ def onednn_available() -> bool:
 
 
 class _Packs(dict):
-    """Reordered weights by input shape. oneDNN's opaque tensors cannot be copied or pickled, so
-    a copy or a pickle of a model starts with none (they are remade on the next call)."""
+    """The reordered weight, keyed by input shape and weight version, and the last call's key.
+    oneDNN's opaque tensors cannot be copied or pickled, so a copy or a pickle of a model starts
+    with none (they are remade on later calls)."""
+
+    last_key: tuple = ()
 
     def __deepcopy__(self, memo: dict) -> '_Packs':
         return _Packs()
@@ -49,9 +53,9 @@ class PrepackedConv2d(nn.Conv2d):
     It shares the conv's weight and bias (state dict, ``.to()``, copies: all as ``nn.Conv2d``).
     The reordered weight is used when the input is a 4-D CPU float32 tensor, the weight is
     float32 and autograd is not recording (``torch.no_grad()`` / ``torch.inference_mode()``);
-    otherwise the call is a plain ``F.conv2d``. It is remade when the input shape or the weight
-    changes in place (``load_state_dict``, ``copy_``); a change behind autograd's back
-    (``weight.data.copy_(...)``) is not seen: call ``prepack_for_cpu`` again after one.
+    otherwise the call is a plain ``F.conv2d``. It is remade when the input shape (once the new
+    one repeats) or the weight changes in place (``load_state_dict``, ``copy_``); a change behind
+    autograd's back (``weight.data.copy_(...)``) is not seen: call ``prepack_for_cpu`` again.
     """
 
     def __init__(self, conv: nn.Conv2d):
@@ -64,16 +68,16 @@ class PrepackedConv2d(nn.Conv2d):
         self.packs = _Packs()
         self.train(conv.training)
 
-    def _packed(self, shape: torch.Size, padding: Tuple[int, int]) -> torch.Tensor:
+    def _packed(self, shape: torch.Size, padding: Tuple[int, int]) -> Optional[torch.Tensor]:
+        """The reordered weight for this input shape; ``None`` the first time a new shape comes."""
         key = (tuple(shape), tuple(padding), self.weight._version, self.weight.data_ptr())
         packed = self.packs.get(key)
-        if packed is None:
-            if len(self.packs) >= _MAX_SHAPES:
-                self.packs.clear()
+        if packed is None and key == self.packs.last_key:  # seen twice in a row: worth a reorder
+            self.packs.clear()  # one reordered copy of the weight at a time
             dense = self.weight.detach().contiguous().to_mkldnn()
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            packed = self.packs[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 dense, list(padding), list(self.stride), list(self.dilation), self.groups, list(shape))
-            self.packs[key] = packed
+        self.packs.last_key = key
         return packed
 
     def _use_packed(self, x: torch.Tensor) -> bool:
@@ -88,11 +92,11 @@ class PrepackedConv2d(nn.Conv2d):
         padding = self.padding
         if self.same_padding:
             x, padding = pad_same(x, self.kernel_size, self.stride[0])
-        if not self._use_packed(x):
+        packed = self._packed(x.shape, padding) if self._use_packed(x) else None
+        if packed is None:
             return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed(x.shape, padding), self.bias, list(padding), list(self.stride), list(self.dilation),
-            self.groups, 'none', [], '')
+            x, packed, self.bias, list(padding), list(self.stride), list(self.dilation), self.groups, 'none', [], '')
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", padding='SAME'" if self.same_padding else '')
@@ -104,8 +108,8 @@ def prepack_for_cpu(model: nn.Module, inplace: bool = False) -> nn.Module:
     Runs ``timm.utils.reparameterize_model`` (each ``WSConv2d`` becomes a plain conv with its
     standardised weight baked in), then wraps every plain ``nn.Conv2d`` / ``SameConv2d`` so that
     CPU inference under ``torch.no_grad()`` or ``torch.inference_mode()`` runs oneDNN's conv on
-    a weight reordered once per input shape instead of on every call. Outputs equal the fused
-    model's. Returns a copy unless ``inplace``; parameters are shared with nothing else then.
+    a weight reordered once (per input shape) instead of on every call. Outputs equal the fused
+    model's. Returns a copy (unless ``inplace``) in eval mode: it is meant for inference.
 
     Raises:
         RuntimeError: this PyTorch has no oneDNN (``torch.backends.mkldnn``) ops.
@@ -124,4 +128,4 @@ def prepack_for_cpu(model: nn.Module, inplace: bool = False) -> nn.Module:
                 replaced += 1
     if not replaced:
         raise ValueError(f'{type(model).__name__} has no nn.Conv2d to prepack')
-    return model
+    return model.eval()
