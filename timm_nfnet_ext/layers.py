@@ -26,7 +26,7 @@ from timm.layers.padding import get_same_padding
 from .gelu import fast_cpu_gelu, gelu_tanh
 
 __all__ = [
-    'GAMMAS', 'get_act_fn', 'same_pads', 'pad_same', 'SameConv2d', 'standardize_weight', 'WSConv2d', 'SqueezeExcite',
+    'GAMMAS', 'get_act_fn', 'same_pads', 'same_conv_input', 'SameConv2d', 'standardize_weight', 'WSConv2d', 'SqueezeExcite',
     'StochasticDepthMask', 'gelu_tanh', 'fast_cpu_gelu',
 ]
 
@@ -133,7 +133,7 @@ def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def pad_same(x: torch.Tensor, kernel: Tuple[int, int], stride: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def same_conv_input(x: torch.Tensor, kernel: Tuple[int, int], stride: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """XLA 'SAME' padding for a conv: ``(input, conv_padding)``.
 
     Symmetric padding goes to the conv (no copy); only the asymmetric case (a stride-2 conv on
@@ -149,8 +149,8 @@ def pad_same(x: torch.Tensor, kernel: Tuple[int, int], stride: int) -> Tuple[tor
 def conv2d_same(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
 ) -> torch.Tensor:
-    """``F.conv2d`` with XLA 'SAME' padding (see ``pad_same``)."""
-    x, padding = pad_same(x, weight.shape[-2:], stride)
+    """``F.conv2d`` with XLA 'SAME' padding (see ``same_conv_input``)."""
+    x, padding = same_conv_input(x, weight.shape[-2:], stride)
     return F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from .layers import SameConv2d, pad_same
+from .layers import SameConv2d, same_conv_input
 
 __all__ = ['PrepackedConv2d', 'prepack_for_cpu', 'onednn_available']
 
@@ -33,18 +33,37 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, '_convolution_pointwise'))
 
 
-class _Packs(dict):
-    """The reordered weight, keyed by input shape and weight version, and the last call's key.
-    oneDNN's opaque tensors cannot be copied or pickled, so a copy or a pickle of a model starts
-    with none (they are remade on later calls)."""
+class _Pack:
+    """A conv's reordered weight: the key it was made for (input shape, weight version), the weight
+    it was made from (held, so that a replaced weight cannot come back at the same address) and the
+    key of the last call. oneDNN's opaque tensors cannot be copied or pickled, so a copy or a
+    pickle starts empty (the reordered weight is remade on later calls)."""
 
-    last_key: tuple = ()
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.source: Optional[torch.Tensor] = None
+        self.weight: Optional[torch.Tensor] = None
+        self.last_key: Optional[tuple] = None
 
-    def __deepcopy__(self, memo: dict) -> '_Packs':
-        return _Packs()
+    def __deepcopy__(self, memo: dict) -> '_Pack':
+        return _Pack()
 
     def __reduce__(self):
-        return _Packs, ()
+        return _Pack, ()
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _can_prepack(conv: nn.Module) -> bool:
+    if type(conv) not in (nn.Conv2d, SameConv2d) or conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
+        return False
+    # SameConv2d computes its padding for dilation 1 and a square stride (all that fuse() makes)
+    return type(conv) is nn.Conv2d or (conv.dilation == (1, 1) and conv.stride[0] == conv.stride[1])
 
 
 class PrepackedConv2d(nn.Conv2d):
@@ -52,38 +71,44 @@ class PrepackedConv2d(nn.Conv2d):
 
     It shares the conv's weight and bias (state dict, ``.to()``, copies: all as ``nn.Conv2d``).
     The reordered weight is used when the input is a 4-D CPU float32 tensor, the weight is
-    float32 and autograd is not recording (``torch.no_grad()`` / ``torch.inference_mode()``);
-    otherwise the call is a plain ``F.conv2d``. It is remade when the input shape (once the new
-    one repeats) or the weight changes in place (``load_state_dict``, ``copy_``); a change behind
-    autograd's back (``weight.data.copy_(...)``) is not seen: call ``prepack_for_cpu`` again.
+    float32, CPU autocast is off and autograd is not recording (``torch.no_grad()`` /
+    ``torch.inference_mode()``); otherwise the call is a plain ``F.conv2d``. It is remade when the
+    input shape changes (once the new one repeats), when the weight is replaced (``.to()``,
+    ``.data = ...``) or changed in place (``load_state_dict``, ``copy_``); not when it is changed
+    behind autograd's back (``weight.data.copy_(...)``, or in place on a weight made under
+    ``inference_mode``, which keeps no version count): call ``prepack_for_cpu`` again after that.
     """
 
     def __init__(self, conv: nn.Conv2d):
-        if type(conv) not in (nn.Conv2d, SameConv2d) or conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
-            raise TypeError(f'can prepack an nn.Conv2d with zero padding given in pixels, got {conv!r}')
+        if not _can_prepack(conv):
+            raise TypeError('can prepack an nn.Conv2d with zero padding given in pixels (a SameConv2d: dilation 1, '
+                            f'square stride), got {conv!r}')
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                          conv.dilation, conv.groups, bias=conv.bias is not None, device='meta')
         self.weight, self.bias = conv.weight, conv.bias  # shared, not copied
         self.same_padding = isinstance(conv, SameConv2d)
-        self.packs = _Packs()
+        self.pack = _Pack()
         self.train(conv.training)
 
     def _packed(self, shape: torch.Size, padding: Tuple[int, int]) -> Optional[torch.Tensor]:
         """The reordered weight for this input shape; ``None`` the first time a new shape comes."""
-        key = (tuple(shape), tuple(padding), self.weight._version, self.weight.data_ptr())
-        packed = self.packs.get(key)
-        if packed is None and key == self.packs.last_key:  # seen twice in a row: worth a reorder
-            self.packs.clear()  # one reordered copy of the weight at a time
-            dense = self.weight.detach().contiguous().to_mkldnn()
-            packed = self.packs[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                dense, list(padding), list(self.stride), list(self.dilation), self.groups, list(shape))
-        self.packs.last_key = key
-        return packed
+        w, pack = self.weight, self.pack
+        key = (tuple(shape), None if w.is_inference() else w._version)
+        fresh = (key == pack.key and pack.source is not None and pack.source.data_ptr() == w.data_ptr()
+                 and pack.source.dtype == w.dtype)
+        if not fresh and key == pack.last_key:  # the same call twice in a row: worth a reorder
+            pack.weight = None  # one reordered copy of the weight at a time
+            pack.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.detach().contiguous().to_mkldnn(), list(padding), list(self.stride), list(self.dilation),
+                self.groups, list(shape))
+            pack.key, pack.source, fresh = key, w.detach(), True
+        pack.last_key = key
+        return pack.weight if fresh else None
 
     def _use_packed(self, x: torch.Tensor) -> bool:
         if x.device.type != 'cpu' or x.dtype != torch.float32 or self.weight.dtype != torch.float32 or x.dim() != 4:
             return False
-        if torch.compiler.is_compiling():  # inductor does its own prepacking
+        if torch.compiler.is_compiling() or _autocast_cpu():  # inductor prepacks itself; autocast: F.conv2d's dtype
             return False
         return not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, self.weight, self.bias))
@@ -91,7 +116,7 @@ class PrepackedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding
         if self.same_padding:
-            x, padding = pad_same(x, self.kernel_size, self.stride[0])
+            x, padding = same_conv_input(x, self.kernel_size, self.stride[0])
         packed = self._packed(x.shape, padding) if self._use_packed(x) else None
         if packed is None:
             return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
@@ -122,8 +147,7 @@ def prepack_for_cpu(model: nn.Module, inplace: bool = False) -> nn.Module:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) in (nn.Conv2d, SameConv2d) and child.padding_mode == 'zeros' \
-                    and not isinstance(child.padding, str):
+            if _can_prepack(child):
                 setattr(parent, name, PrepackedConv2d(child))
                 replaced += 1
     if not replaced:
