@@ -26,8 +26,8 @@ from timm.layers.padding import get_same_padding
 from .gelu import fast_cpu_gelu, gelu_tanh
 
 __all__ = [
-    'GAMMAS', 'get_act_fn', 'same_pads', 'same_conv_input', 'SameConv2d', 'standardize_weight', 'WSConv2d', 'SqueezeExcite',
-    'StochasticDepthMask', 'gelu_tanh', 'fast_cpu_gelu',
+    'GAMMAS', 'get_act_fn', 'same_pads', 'same_conv_input', 'SameConv2d', 'standardize_weight', 'WSConv2d',
+    'SqueezeExcite', 'StochasticDepthMask', 'gelu_tanh', 'fast_cpu_gelu',
 ]
 
 # Gamma of each activation in DeepMind's table: 1 / std(act(z)) for z ~ N(0, 1), so that a
