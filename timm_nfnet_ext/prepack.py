@@ -53,10 +53,13 @@ class _Pack:
 
 
 def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled('cpu')
+
+
+try:
+    _autocast_cpu()
+except TypeError:  # torch < 2.4: no device argument
+    _autocast_cpu = torch.is_autocast_cpu_enabled  # noqa: F811
 
 
 def _can_prepack(conv: nn.Module) -> bool:
