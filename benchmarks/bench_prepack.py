@@ -45,5 +45,6 @@ def main() -> None:
                       f'prepacked {1e3 * statistics.median(t_packed):7.1f} ms  '
                       f'x{paired_ratio(t_fused, t_packed):.2f}', flush=True)
 
+
 if __name__ == '__main__':
     main()

@@ -14,7 +14,6 @@ every call run as in the fused model (reordering for each of them measured 7% sl
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional, Tuple
 
 import torch
@@ -97,8 +96,8 @@ class PrepackedConv2d(nn.Conv2d):
         """The reordered weight for this input shape; ``None`` the first time a new shape comes."""
         w, pack = self.weight, self.pack
         key = (tuple(shape), None if w.is_inference() else w._version)
-        fresh = (key == pack.key and pack.source is not None and pack.source.data_ptr() == w.data_ptr()
-                 and pack.source.dtype == w.dtype)
+        # a replaced weight (.to(), .data =) has other memory: ``source`` keeps the old one from being reused
+        fresh = key == pack.key and pack.source is not None and pack.source.data_ptr() == w.data_ptr()
         if not fresh and key == pack.last_key:  # the same call twice in a row: worth a reorder
             pack.weight = None  # one reordered copy of the weight at a time
             pack.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
@@ -146,7 +145,7 @@ def prepack_for_cpu(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not onednn_available():
         raise RuntimeError('prepack_for_cpu needs a PyTorch built with oneDNN (torch.backends.mkldnn.is_available() '
                            'is False or its conv ops are missing)')
-    model = reparameterize_model(model if inplace else copy.deepcopy(model), inplace=True)
+    model = reparameterize_model(model, inplace=inplace)  # a fused deep copy unless inplace
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
