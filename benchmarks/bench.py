@@ -10,7 +10,8 @@ same as JSON:
   ``timm.utils.reparameterize_model`` (fused), both in channels_last, ours fused and prepacked
   (``timm_nfnet_ext.prepack_for_cpu``, CPU only), and both compiled;
 - one training step (forward, backward, AGC, SGD step): timm's model + timm's
-  ``adaptive_clip_grad`` + ``torch.optim.SGD`` vs ours + ``sgdagc``;
+  ``adaptive_clip_grad`` + ``torch.optim.SGD`` vs ours + ``sgdagc`` (and with
+  ``--train-channels-last``, the same with both sides in channels_last);
 - peak memory of each training step (CUDA: max allocated; CPU: peak RSS of a child process);
 - achieved GFLOP/s of each inference row against a fp32 matmul peak measured in the same run.
 """
@@ -181,12 +182,14 @@ def _row(label, batch, size, theirs, ours, x, args, flops, peak) -> Dict:
 
 
 # --- training ----------------------------------------------------------------------------------------
-def train_step_fn(impl: str, model_name: str, device: str, amp: Optional[str], batch: int, size: int):
+def train_step_fn(impl: str, model_name: str, device: str, amp: Optional[str], batch: int, size: int,
+                  channels_last: bool = False):
     """One training step of either implementation, ready to call repeatedly."""
     from timm.utils.agc import adaptive_clip_grad
     # only this side's model lives in the process, so its peak memory is its own
-    model = _random_model(('dm_' if impl == 'timm' else '') + model_name).to(device).train()
-    x = torch.randn(batch, 3, size, size, device=device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = _random_model(('dm_' if impl == 'timm' else '') + model_name).to(device, memory_format=fmt).train()
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
     # both through timm's factory (no weight decay on biases and gains; Nesterov SGD)
@@ -232,6 +235,18 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def bench_train_channels_last(args) -> Dict:
+    """The same step with both models and the input in channels_last (speed only)."""
+    steps = [train_step_fn(impl, args.model, args.device, args.amp, args.train_batch, args.train_px, True)
+             for impl in ('timm', 'ours')]
+    ts_timm, ts_ours = time_pair(*steps, args.device, args.warmup, args.train_repeats)
+    row = dict(case='train step, channels_last (both)', batch=args.train_batch, px=args.train_px,
+               timm_ms=1e3 * statistics.median(ts_timm), ours_ms=1e3 * statistics.median(ts_ours),
+               ratio=paired_ratio(ts_timm, ts_ours))
+    _print_row(row)
+    return row
+
+
 def bench_train(args) -> Dict:
     """Speed: both steps in this process, timed in alternation. Memory: one child process each."""
     timm_step = train_step_fn('timm', args.model, args.device, args.amp, args.train_batch, args.train_px)
@@ -275,6 +290,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--train-repeats', type=int, default=5)
+    p.add_argument('--train-channels-last', action='store_true',
+                   help='also time the training step with both models and the input in channels_last')
     p.add_argument('--min-time', type=float, default=0.0, help='time each case for at least this many seconds')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--tol', type=float, default=1e-4, help='max |diff| of a fast path vs our eager output')
@@ -320,6 +337,8 @@ def main(argv=None) -> int:
     del theirs, ours
     if args.train:
         results['rows'].append(bench_train(args))
+        if args.train_channels_last:
+            results['rows'].append(bench_train_channels_last(args))
     tmp = args.json + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(results, f, indent=2)

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # One prepared GPU session on the device machine (repo root, timm wheel carried in .whl/):
-# the side-by-side bf16 benchmark of inference and the training step at batch 64, the step
-# profile and the CUDA-only AGC tests (~8 minutes in all).
+# the side-by-side bf16 benchmark of inference and of the training step at batch 64 (NCHW and
+# channels_last), the step profile (forward+backward per weight-standardisation variant,
+# optimizer step) and the CUDA-only tests (AGC, grouped weight standardisation); ~6 minutes.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+# the CUDA-only tests first (skipped on CPU-only CI), where the device machine has pytest
+if python3 -c 'import pytest' 2>/dev/null; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_agc.py tests/test_grouped_ws.py -k cuda 2>&1 \
+    | tail -8 | tee $OUT/cuda_tests.log
+fi
 timeout 200 python3 benchmarks/bench.py --device cuda --amp bf16 --batch-sizes 8 64 --sizes 256 \
-  --train-batch 64 --train-px 192 --no-compile --repeats 10 --train-repeats 10 --json $OUT/bench_cuda.json 2>&1 \
-  | grep -v gpuGetDeviceCount | tee $OUT/bench_cuda.log
+  --train-batch 64 --train-px 192 --train-channels-last --no-compile --repeats 10 --train-repeats 15 \
+  --json $OUT/bench_cuda.json 2>&1 | grep -v gpuGetDeviceCount | tee $OUT/bench_cuda.log
 # where the step's time goes on the GPU (forward+backward per WS variant, optimizer step)
 timeout 150 python3 benchmarks/profile_step.py --device cuda --amp bf16 --batch 64 --px 192 --repeats 10 --top 8 2>&1 \
   | grep -v gpuGetDeviceCount | tee $OUT/profile_cuda.log
-# the CUDA-only AGC tests (skipped on CPU-only CI), where the device machine has pytest
-if python3 -c 'import pytest' 2>/dev/null; then
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_agc.py -k cuda 2>&1 | tail -5 | tee $OUT/agc_cuda.log
-fi

@@ -4,10 +4,11 @@
     python benchmarks/profile_step.py --device cpu --batch 8 --px 192 --repeats 3   # fp32 on CPU
 
 Times forward+backward alone for timm's ``dm_nfnet_*`` and for this package's model with
-each weight-standardisation variant (``shipped``: what ``standardize_weight`` picks for the
-device; ``custom``: the hand-written autograd function; ``autograd``: the plain expression;
-``batchnorm``: ``F.batch_norm`` on the weights, which ignores the reference's eps floor and is
-shown only as a bound), ours with ATen's GELU instead of the hand-written CPU one, then the
+each weight-standardisation variant (``grouped``: the convs of a stage with one fan-in
+standardised together, ``grouped_ws.py``, the default on CUDA; per conv: ``shipped``, what
+``standardize_weight`` picks for the device; ``custom``: the hand-written autograd function;
+``autograd``: the plain expression; ``batchnorm``: ``F.batch_norm`` on the weights, which
+ignores the reference's eps floor and is shown only as a bound), ours with ATen's GELU instead of the hand-written CPU one, then the
 optimizer step alone (timm's ``adaptive_clip_grad`` + SGD vs ``sgdagc``), and prints the top
 kernels of one step of each model.
 """
@@ -75,6 +76,9 @@ def main():
 
     print(f'{args.model} b{args.batch} {args.px}px {dev} {args.amp}')
     print(f'fwd+bwd timm               {timed(fwd_bwd(models["timm"]), dev, repeats=args.repeats):8.2f} ms', flush=True)
+    models['ours'].set_grouped_ws(True)
+    print(f'fwd+bwd ours, WS grouped   {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms', flush=True)
+    models['ours'].set_grouped_ws(False)
     for name, fn in VARIANTS.items():
         orig = layers.WSConv2d.standardized_weight
         layers.WSConv2d.standardized_weight = lambda self, fn=fn: fn(self.weight, self.gain, self.input_scale, self.eps)
@@ -87,6 +91,7 @@ def main():
     with fast_cpu_gelu(False):  # ATen's tanh-GELU (only differs on CPU float32)
         print(f'fwd+bwd ours, ATen GELU    {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
               flush=True)
+    models['ours'].set_grouped_ws(None)  # the default again, for the optimizer and the profile
 
     from timm.utils.agc import adaptive_clip_grad
     fwd_bwd(models['timm'])()

@@ -262,6 +262,8 @@ class WSConv2d(nn.Conv2d):
         self.input_scale = float(input_scale)
         self.eps = eps
         self.fan_in = (in_chs // groups) * kernel_size * kernel_size
+        # (weight, bias) computed for this conv by grouped_ws.standardized_once, for one forward
+        self.packed: Tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -277,6 +279,8 @@ class WSConv2d(nn.Conv2d):
         return standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return conv2d_same(x, self.packed[0], self.packed[1], self.stride[0], self.groups)
         return conv2d_same(x, self.standardized_weight(), self.bias, self.stride[0], self.groups)
 
     @torch.no_grad()
