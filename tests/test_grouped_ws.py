@@ -155,8 +155,16 @@ def test_packed_weights_are_dropped_after_an_error():
     assert all(m.packed is None for m in ws_convs(model))
 
 
-def test_plan_follows_replaced_convs_and_early_stop():
-    model = tiny_model().eval()
+def test_plan_follows_replaced_convs_changed_constants_and_early_stop(monkeypatch):
+    from timm_nfnet_ext import grouped_ws
+    standardized = []
+
+    def counting(group):
+        standardized.extend(group.convs)
+        return orig(group)
+    orig = grouped_ws.standardize_group
+    monkeypatch.setattr(grouped_ws, 'standardize_group', counting)
+    model = _live(tiny_model()).eval()
     model.set_grouped_ws(True)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -166,11 +174,20 @@ def test_plan_follows_replaced_convs_and_early_stop():
         got = model(x)
         assert len(seen) == len(ws_convs(model)) and set(seen) == {torch.float32}
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # a changed input_scale reaches the plan's per-row constants
+        model.stages[2][0].conv0.input_scale *= 1.5
+        got = model(x)
+        model.set_grouped_ws(False)
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+        model.set_grouped_ws(True)
+        standardized.clear()
         seen.clear()
         feats = model.forward_intermediates(x, indices=[2], stop_early=True, intermediates_only=True)
     assert len(feats) == 1
-    ran = len(ws_convs(model.stem)) + len(ws_convs(model.stages[0])) + len(ws_convs(model.stages[1]))
-    assert len(seen) == ran  # only the stages that ran were standardised
+    ran = ws_convs(model.stem) + ws_convs(model.stages[0]) + ws_convs(model.stages[1])
+    assert len(seen) == len(ran)
+    assert {id(c) for c in standardized} == {id(c) for c in ran}  # only the stages that ran
 
 
 def test_fewer_kernels_than_per_conv(monkeypatch):
@@ -235,3 +252,27 @@ def test_cuda_grouped_reproduces_deepmind_outputs(name):
         got = model(x.cuda()).cpu()
     # TF32 convs on the GPU: looser than the CPU's 1e-5
     np.testing.assert_array_less(np.abs(got.numpy() - logits).max(), 2e-3)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason='needs gloo')
+def test_ddp_with_grouped_weights_gets_the_same_gradients(tmp_path):
+    """DDP's reducer sees every parameter's gradient once, also when a group's backward writes
+    many at a time (gloo, one rank; bucketing and the all-reduce run as with more)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    model = _live(tiny_model()).train()
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    _, want = _step(model, x, y, grouped=False)
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}', rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1)  # small buckets: several all-reduces
+        for _ in range(2):  # the second step checks the reducer's state was reset cleanly
+            model.set_grouped_ws(True)
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            F.cross_entropy(ddp(x), y).backward()
+    finally:
+        dist.destroy_process_group()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
