@@ -2,7 +2,8 @@
 # One prepared GPU session on the device machine (repo root, timm wheel carried in .whl/):
 # the side-by-side bf16 benchmark of inference and of the training step at batch 64 (NCHW and
 # channels_last), the step profile (forward+backward per weight-standardisation variant,
-# optimizer step) and the CUDA-only tests (AGC, grouped weight standardisation); ~6 minutes.
+# optimizer step), the CUDA-only tests (AGC, grouped weight standardisation), then inference
+# compiled on both sides (inductor, freezing, static shapes); ~6 minutes.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -19,3 +20,6 @@ timeout 200 python3 benchmarks/bench.py --device cuda --amp bf16 --batch-sizes 8
 # where the step's time goes on the GPU (forward+backward per WS variant, optimizer step)
 timeout 150 python3 benchmarks/profile_step.py --device cuda --amp bf16 --batch 64 --px 192 --repeats 10 --top 8 2>&1 \
   | grep -v gpuGetDeviceCount | tee $OUT/profile_cuda.log
+# compiled inference last (the slowest part: four inductor compiles), so that a timeout loses only it
+timeout 330 python3 benchmarks/bench.py --device cuda --amp bf16 --batch-sizes 8 64 --sizes 256 --no-train \
+  --repeats 10 --json $OUT/bench_cuda_compiled.json 2>&1 | grep -v gpuGetDeviceCount | tee $OUT/bench_cuda_compiled.log
