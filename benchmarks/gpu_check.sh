@@ -20,6 +20,11 @@ timeout 200 python3 benchmarks/bench.py --device cuda --amp bf16 --batch-sizes 8
 # where the step's time goes on the GPU (forward+backward per WS variant, optimizer step)
 timeout 150 python3 benchmarks/profile_step.py --device cuda --amp bf16 --batch 64 --px 192 --repeats 10 --top 8 2>&1 \
   | grep -v gpuGetDeviceCount | tee $OUT/profile_cuda.log
+# the training command's quick start on CUDA, bf16 and fp16 autocast (fp16: GradScaler + AGC)
+for dt in bfloat16 float16; do
+  timeout 150 python3 -m timm_nfnet_ext.train --quickstart --device cuda --amp --amp-dtype $dt --output /tmp/qs_$dt 2>&1 \
+    | grep -E "^epoch|^best|^exported|rror" | tee $OUT/quickstart_$dt.log
+done
 # compiled inference last (the slowest part: four inductor compiles), so that a timeout loses only it
 timeout 330 python3 benchmarks/bench.py --device cuda --amp bf16 --batch-sizes 8 64 --sizes 256 --no-train \
   --repeats 10 --json $OUT/bench_cuda_compiled.json 2>&1 | grep -v gpuGetDeviceCount | tee $OUT/bench_cuda_compiled.log
