@@ -88,10 +88,10 @@ def main():
         finally:
             layers.WSConv2d.standardized_weight = orig
 
+    models['ours'].set_grouped_ws(None)  # the default again, for the rest
     with fast_cpu_gelu(False):  # ATen's tanh-GELU (only differs on CPU float32)
         print(f'fwd+bwd ours, ATen GELU    {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
               flush=True)
-    models['ours'].set_grouped_ws(None)  # the default again, for the optimizer and the profile
 
     from timm.utils.agc import adaptive_clip_grad
     fwd_bwd(models['timm'])()
