@@ -6,82 +6,153 @@ has 57 weight-standardised convs, and with them a training step issues about 2.3
 kernels as timm's ``dm_nfnet_f0``, whose standardisation is one (inexact) ``batch_norm``.
 
 Here the convs of one network segment (the stem, a stage, the final conv) that share a fan-in
-are standardised together. Their weights are stacked into one ``(rows, fan_in)`` matrix and
+are standardised together: their weights are stacked into one ``(rows, fan_in)`` matrix and
 standardised in one pass by a hand-written autograd function, with the same statistics and
 the same eps floor as ``layers.standardize_weight``. Under autocast the stacked weights and
-biases are cast once, not once per conv. NFNet-F0 has 17 such groups and F3 has 18, against
-57 and 201 convs. Grouping by segment, and not over the whole network, keeps gradients
+biases are cast once, not once per conv. NFNet-F0 has 17 such groups for 57 convs, F3 18 for
+201. A group is standardised when the first of its convs runs, and each conv takes its
+weight once, so an unused stage costs nothing and, without autograd, a segment's weights are
+freed as its convs finish. Grouping by segment, not over the whole network, keeps gradients
 ready stage by stage, so DDP can still overlap its all-reduce with the backward pass.
+
+The weights a conv should take are found through a thread-local hook (``layers.GROUPED``), so
+concurrent forwards in other threads, and other models called inside this one's forward,
+standardise their own weights as usual.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .layers import WSConv2d
+from .layers import GROUPED, WSConv2d
 
-__all__ = ['WSGroup', 'plan_groups', 'standardize_group', 'standardized_once']
+__all__ = ['WSGroup', 'plan_groups', 'standardize_group', 'standardized_once', 'ws_convs']
+
+
+def _is_channels_last(w: torch.Tensor) -> bool:
+    """A weight laid out (O, kh, kw, I) in memory (a 1x1 kernel is both layouts: False)."""
+    return w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
+def _as_rows(w: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """One row per output channel, in the weight's memory order (a view when it is dense)."""
+    return (w.permute(0, 2, 3, 1) if channels_last else w).reshape(w.shape[0], -1)
+
+
+def _from_rows(rows: torch.Tensor, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``_as_rows`` undone: the shape of ``like``, strided like it."""
+    if channels_last:
+        o, i, kh, kw = like.shape
+        return rows.view(o, kh, kw, i).permute(0, 3, 1, 2)
+    return rows.view(like.shape)
+
+
+def _stack(weights: Sequence[torch.Tensor], channels_last: bool) -> torch.Tensor:
+    rows = [_as_rows(w, channels_last) for w in weights]
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def _rows_expression(w: torch.Tensor, gain: torch.Tensor, row_scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference formula on rows, left to autograd (used for double backward)."""
+    var, mean = torch.var_mean(w, dim=1, correction=0, keepdim=True)
+    scale = torch.rsqrt(torch.clamp(var * w.shape[1], min=eps)) * (gain * row_scale).unsqueeze(1)
+    return (w - mean) * scale
 
 
 class _StandardizeRows(torch.autograd.Function):
-    """``out = (w - mean) * rsqrt(max(||w - mean||^2, eps)) * gain * row_scale``, per row of ``w``.
+    """``out = (w - mean) * rsqrt(max(||w - mean||^2, eps)) * gain * row_scale``, per row of the
+    stacked weights ``w`` of ``n`` convs (``params``: their weights, then their gains).
 
     Like ``layers._StandardizeWeight``, but with one ``row_scale`` per row, and with no
     data-dependent branch in the backward (that branch syncs with the host, which costs more
-    than it saves on a GPU). With ``r = rsqrt(.) * gain * row_scale`` and
+    than it saves on a GPU). The parameters themselves are saved, not the stacked copy, and
+    restacked in the backward. With ``r = rsqrt(.) * gain * row_scale`` and
     ``k = <g, w - mean> * rsqrt(.)^2`` (0 on the floor), ``dw = r * (g - mean(g)) - r * k * (w - mean)``.
+    Under ``create_graph=True`` the backward differentiates the plain formula instead, so
+    second derivatives are exact too.
     """
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, gain: torch.Tensor, row_scale: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, row_scale: torch.Tensor, eps: float, n: int, channels_last: bool,
+                *params: torch.Tensor) -> torch.Tensor:
+        w = _stack(params[:n], channels_last)
+        gain = torch.cat(params[n:]) if n > 1 else params[n]
         var, mean = torch.var_mean(w, dim=1, correction=0, keepdim=True)
         sq = var.mul_(w.shape[1])  # ||w - mean||^2
         inv = torch.rsqrt(torch.clamp(sq, min=eps))
         r = inv * (gain * row_scale).unsqueeze(1)
-        centered = w - mean  # saved instead of w: the same size, and no cancellation in backward
-        ctx.save_for_backward(centered, inv, r, row_scale, sq >= eps)
-        return centered * r
+        ctx.save_for_backward(row_scale, mean, inv, r, sq >= eps, *params)
+        ctx.eps, ctx.n, ctx.channels_last = eps, n, channels_last
+        return (w - mean).mul_(r)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        centered, inv, r, row_scale, unclamped = ctx.saved_tensors
-        g = grad_out
+    def backward(ctx, g: torch.Tensor):
+        row_scale, mean, inv, r, unclamped, *params = ctx.saved_tensors
+        n, cl = ctx.n, ctx.channels_last
+        weights, gains = params[:n], params[n:]
+        none = (None, None, None, None)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            gain = torch.cat(gains) if n > 1 else gains[0]
+            out = _rows_expression(_stack(weights, cl), gain, row_scale, ctx.eps)
+            needed = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+            grads = iter(torch.autograd.grad(out, needed, g, create_graph=True))
+            return none + tuple(next(grads) if need else None for need in ctx.needs_input_grad[4:])
+        centered = _stack(weights, cl).sub(mean)  # restacked: a temporary of the backward only
         dot = (g * centered).sum(dim=1, keepdim=True)  # <g, w - mean> per row
-        grad_gain = (dot * inv).view(-1) * row_scale if ctx.needs_input_grad[1] else None
-        grad_w = None
-        if ctx.needs_input_grad[0]:
+        grad_w = grad_gain = None
+        if any(ctx.needs_input_grad[4 + n:]):
+            grad_gain = (dot * inv).view(-1) * row_scale
+        if any(ctx.needs_input_grad[4:4 + n]):
             rk = r * dot * inv.square() * unclamped
             grad_w = torch.addcmul(g.sum(dim=1, keepdim=True).mul_(-1.0 / g.shape[1]) * r, g, r)
             grad_w.addcmul_(centered, rk, value=-1.0)
-        return grad_w, grad_gain, None, None
+        sizes = [w.shape[0] for w in weights]
+        grad_ws = [None] * n if grad_w is None else [
+            _from_rows(rows, w, cl) for rows, w in zip(grad_w.split(sizes), weights)]
+        grad_gains = [None] * n if grad_gain is None else list(grad_gain.split(sizes))
+        return none + tuple(grad_ws) + tuple(grad_gains)
 
 
 class WSGroup(NamedTuple):
-    """Convs standardised together: one segment, one fan-in, eps, device and dtype."""
+    """Convs standardised together: one segment, one fan-in, eps, device, dtype and layout."""
     convs: Tuple[WSConv2d, ...]
-    row_scale: torch.Tensor  # (rows,): each conv's input_scale, once per output channel
     eps: float
+    channels_last: bool
 
 
 def _group_key(conv: WSConv2d) -> Tuple:
     w = conv.weight
-    return conv.fan_in, conv.eps, w.device, w.dtype
+    return conv.fan_in, conv.eps, w.device, w.dtype, _is_channels_last(w)
 
 
 def plan_groups(segments: Sequence[Sequence[WSConv2d]]) -> List[WSGroup]:
-    """Split each segment's convs into groups that can be standardised as one matrix."""
+    """Split each segment's convs into groups that can be standardised as one matrix.
+
+    Convs with forward pre-hooks are left out (they standardise their own weight): such a hook
+    may set the weight just before the conv runs (``torch.nn.utils.prune``, parameter gathering
+    in ZeRO-3), after the group would have read it.
+    """
     groups = []
     for segment in segments:
         by_key: Dict[Tuple, List[WSConv2d]] = {}
         for conv in segment:
-            by_key.setdefault(_group_key(conv), []).append(conv)
-        for (_, eps, device, dtype), convs in by_key.items():
-            row_scale = torch.cat([torch.full((c.out_channels,), c.input_scale, dtype=dtype) for c in convs])
-            groups.append(WSGroup(tuple(convs), row_scale.to(device), eps))
+            if not conv._forward_pre_hooks:
+                by_key.setdefault(_group_key(conv), []).append(conv)
+        groups += [WSGroup(tuple(convs), key[1], key[4]) for key, convs in by_key.items()]
     return groups
+
+
+@functools.lru_cache(maxsize=256)
+def _row_scale(scales_and_rows: Tuple[Tuple[float, int], ...], device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Each conv's input_scale once per output channel, made once per group layout and device
+    (a cache of values, holding no module)."""
+    rows = [torch.full((n,), s, dtype=dtype) for s, n in scales_and_rows]
+    return torch.cat(rows).to(device)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -90,52 +161,66 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     if device_type == 'cuda':
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    if device_type == 'cpu':
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
 
 
 def standardize_group(group: WSGroup) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """``(weight, bias)`` for each conv of ``group``, as the conv would apply them.
 
-    The weights are computed in the parameters' dtype with autocast off, then weights and
-    biases are cast together to autocast's dtype when autocast is on (what the conv would do).
+    The weights are computed in the parameters' dtype with autocast off; when autocast is on,
+    weights and biases are then cast together to its dtype, as autocast would cast each conv's
+    (float64 is never cast, as with autocast).
     """
     convs = group.convs
-    device_type = convs[0].weight.device.type
+    weights = [c.weight for c in convs]
+    device_type = weights[0].device.type
     cast = _autocast_dtype(device_type)
+    row_scale = _row_scale(tuple((c.input_scale, c.out_channels) for c in convs), weights[0].device,
+                           weights[0].dtype)
     with torch.autocast(device_type=device_type, enabled=False):
-        if len(convs) == 1:
-            w = convs[0].weight.reshape(convs[0].out_channels, -1)
-            gain, bias = convs[0].gain, convs[0].bias
-        else:
-            w = torch.cat([c.weight.reshape(c.out_channels, -1) for c in convs])
-            gain = torch.cat([c.gain for c in convs])
-            bias = torch.cat([c.bias for c in convs])
-        w_hat = _StandardizeRows.apply(w, gain, group.row_scale, group.eps)
-        if cast is not None and cast != w_hat.dtype and w_hat.is_floating_point():
+        w_hat = _StandardizeRows.apply(row_scale, group.eps, len(convs), group.channels_last,
+                                       *weights, *(c.gain for c in convs))
+        bias = torch.cat([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias
+        if cast is not None and w_hat.dtype not in (cast, torch.float64):
             w_hat, bias = w_hat.to(cast), bias.to(cast)
     sizes = [c.out_channels for c in convs]
-    weights = w_hat.split(sizes) if len(convs) > 1 else (w_hat,)
-    biases = bias.split(sizes) if len(convs) > 1 else (bias,)
-    return [(wc.view_as(c.weight), b) for c, wc, b in zip(convs, weights, biases)]
+    rows, biases = (w_hat.split(sizes), bias.split(sizes)) if len(convs) > 1 else ((w_hat,), (bias,))
+    return [(_from_rows(r, w, group.channels_last), b) for r, w, b in zip(rows, weights, biases)]
+
+
+class _Session:
+    """One forward's groups: a group is standardised when the first of its convs asks, and each
+    conv's weight is handed out once (then the session lets go of it)."""
+
+    def __init__(self, groups: Sequence[WSGroup]):
+        self.group_of = {conv: group for group in groups for conv in group.convs}
+        self.ready: Dict[WSConv2d, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def take(self, conv: WSConv2d) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        packed = self.ready.pop(conv, None)
+        if packed is not None:
+            return packed
+        group = self.group_of.get(conv)
+        if group is None:
+            return None  # not grouped, or asked a second time: the conv standardises its own
+        for c in group.convs:
+            del self.group_of[c]
+        self.ready.update(zip(group.convs, standardize_group(group)))
+        return self.ready.pop(conv)
 
 
 @contextlib.contextmanager
 def standardized_once(groups: Sequence[WSGroup]) -> Iterator[None]:
-    """Inside the block, every conv of ``groups`` applies a weight standardised with its group.
-
-    The standardised weights are computed on entry (one pass per group) and dropped on exit;
-    convs outside the groups, and calls outside the block, standardise their own weight.
-    """
-    touched: List[WSConv2d] = []
+    """Inside the block (in this thread), the convs of ``groups`` apply weights standardised with
+    their group; other convs, and calls outside the block, standardise their own."""
+    previous = GROUPED.take
+    GROUPED.take = _Session(groups).take
     try:
-        for group in groups:
-            for conv, packed in zip(group.convs, standardize_group(group)):
-                conv.packed = packed
-                touched.append(conv)
         yield
     finally:
-        for conv in touched:
-            conv.packed = None
+        GROUPED.take = previous
 
 
 def ws_convs(module: nn.Module) -> List[WSConv2d]:

@@ -16,7 +16,8 @@ Speed choices (each keeps the reference's numbers):
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+import threading
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -165,6 +166,9 @@ class SameConv2d(nn.Conv2d):
         return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups)
 
 
+_functorch_active = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
+
+
 class _StandardizeWeight(torch.autograd.Function):
     """``w_hat = (w - mean) * rsqrt(max(||w - mean||^2, eps)) * gain * c``, per output row.
 
@@ -233,9 +237,18 @@ def standardize_weight(weight: torch.Tensor, gain: torch.Tensor, input_scale: fl
     there (measured on an H100, F0 batch 64 bf16: forward+backward 67.8 ms vs 73.1 ms).
     """
     with torch.autocast(device_type=weight.device.type, enabled=False):
-        if weight.device.type == 'cpu':
+        if weight.device.type == 'cpu' and not _functorch_active():  # (the function has no vmap rule)
             return _StandardizeWeight.apply(weight, gain, input_scale, eps)
         return _standardize_weight_autograd(weight, gain, input_scale, eps)
+
+
+class _GroupedWeights(threading.local):
+    """Per thread: where a ``WSConv2d`` takes a weight standardised with its group (``grouped_ws.py``
+    sets ``take`` for the length of one model forward), or None."""
+    take: Optional[Callable[['WSConv2d'], Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None
+
+
+GROUPED = _GroupedWeights()
 
 
 class WSConv2d(nn.Conv2d):
@@ -262,8 +275,6 @@ class WSConv2d(nn.Conv2d):
         self.input_scale = float(input_scale)
         self.eps = eps
         self.fan_in = (in_chs // groups) * kernel_size * kernel_size
-        # (weight, bias) computed for this conv by grouped_ws.standardized_once, for one forward
-        self.packed: Tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -279,8 +290,10 @@ class WSConv2d(nn.Conv2d):
         return standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return conv2d_same(x, self.packed[0], self.packed[1], self.stride[0], self.groups)
+        take = None if torch.compiler.is_compiling() else GROUPED.take
+        packed = take(self) if take is not None else None  # this conv's weight, standardised with its group
+        if packed is not None:
+            return conv2d_same(x, packed[0], packed[1], self.stride[0], self.groups)
         return conv2d_same(x, self.standardized_weight(), self.bias, self.stride[0], self.groups)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import warnings
 from collections import OrderedDict
@@ -31,10 +32,33 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from .checkpoint import checkpoint_filter_fn
-from .grouped_ws import WSGroup, plan_groups, standardized_once, ws_convs
-from .layers import Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, get_act_fn
+from .grouped_ws import plan_groups, standardized_once, ws_convs
+from .layers import Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, _functorch_active, get_act_fn
 
 __all__ = ['NfNetCfg', 'NFBlock', 'NFNet', 'MODEL_CFGS']
+
+
+@functools.lru_cache(maxsize=None)  # imported on first use: FSDP's modules are slow to import
+def _wrappers_that_rerun_forward() -> Tuple[type, ...]:
+    """Module wrappers under which grouped weight standardisation must stay off: activation
+    checkpointing re-runs a block's forward in the backward (the grouped weights are gone by
+    then), and FSDP gathers a block's weights only when that block runs."""
+    found = []
+    try:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+        found.append(ActivationWrapper)
+    except ImportError:
+        pass
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        found.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard), torch >= 2.6
+        found.append(FSDPModule)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -183,7 +207,6 @@ class NFNet(nn.Module):
         self.grad_checkpointing = False
         # None: standardise conv weights in groups (grouped_ws.py) on CUDA, per conv elsewhere
         self.grouped_ws: Optional[bool] = None
-        self._ws_plan: Tuple[Tuple, List[WSGroup]] = ((), [])
         _, gamma = get_act_fn(cfg.activation)
 
         s0, s1, s2 = cfg.stem_widths
@@ -257,14 +280,21 @@ class NFNet(nn.Module):
 
         ``None`` (the default) picks it when the weights are on a GPU, where it saves about a
         thousand kernel launches per F0 training step; on a CPU the per-conv path is faster.
-        The numbers are the reference's either way. It is off under gradient checkpointing,
-        whose recomputation must repeat each conv's own forward, and inside ``torch.compile``.
+        The numbers are the reference's either way. It is off, whatever is set here, where a
+        block's forward may be run again or the weights are not all in place when the first
+        conv of a group runs: under gradient checkpointing (``set_grad_checkpointing``, or
+        blocks wrapped by torch's ``checkpoint_wrapper``), FSDP, ``torch.func`` transforms,
+        forward-mode AD and ``torch.compile``. Convs with forward pre-hooks standardise their
+        own weight. Blocks checkpointed by hand (``torch.utils.checkpoint`` inside a forward
+        this model cannot see) need ``set_grouped_ws(False)``.
         """
         self.grouped_ws = enable
 
     def _use_grouped_ws(self) -> bool:
         if (self.grad_checkpointing and self.training) or torch.compiler.is_compiling():
             return False
+        if _functorch_active() or torch.autograd.forward_ad._current_level >= 0:
+            return False  # the hand-written autograd function has no vmap or forward-AD rule
         if self.grouped_ws is not None:
             return self.grouped_ws
         param = next(self.parameters(), None)
@@ -274,15 +304,10 @@ class NFNet(nn.Module):
         """A context in which the convs of the stem, ``stages`` and final conv use grouped weights."""
         if not self._use_grouped_ws():
             return contextlib.nullcontext()
-        segments = [ws_convs(self.stem), *(ws_convs(s) for s in stages)]
-        if final:
-            segments.append(ws_convs(self.final_conv))
-        # the plan (groups and their per-row constants) is rebuilt when a conv, or where it lives, changes
-        key = tuple((len(seg), *((id(c), c.weight.device, c.weight.dtype, c.input_scale, c.eps) for c in seg))
-                    for seg in segments)
-        if key != self._ws_plan[0]:
-            self._ws_plan = (key, plan_groups(segments))
-        return standardized_once(self._ws_plan[1])
+        modules = [self.stem, *stages] + ([self.final_conv] if final else [])
+        if any(isinstance(m, _wrappers_that_rerun_forward()) for module in modules for m in module.modules()):
+            return contextlib.nullcontext()
+        return standardized_once(plan_groups([ws_convs(m) for m in modules]))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
