@@ -233,8 +233,10 @@ def standardize_weight(weight: torch.Tensor, gain: torch.Tensor, input_scale: fl
     """DeepMind's scaled weight standardisation (see ``WSConv2d``), float32 math.
 
     CPU: the hand-written autograd function (fewer passes over the weights; ATen's CPU
-    ``var_mean`` is slow). GPU: the plain expression, whose fewer kernel launches matter more
-    there (measured on an H100, F0 batch 64 bf16: forward+backward 67.8 ms vs 73.1 ms).
+    ``var_mean`` is slow). Elsewhere, and under ``torch.func`` transforms: the plain expression,
+    as the function's fast backward branch syncs with the host to test the eps floor. (On a
+    GPU an ``NFNet`` standardises its weights in groups by default, ``grouped_ws.py``; this
+    per-conv path runs where grouping is off.)
     """
     with torch.autocast(device_type=weight.device.type, enabled=False):
         if weight.device.type == 'cpu' and not _functorch_active():  # (the function has no vmap rule)
