@@ -32,7 +32,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from .checkpoint import checkpoint_filter_fn
-from .grouped_ws import plan_groups, standardized_once, ws_convs
+from .grouped_ws import plan_groups, standardized_once
 from .layers import Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, _functorch_active, get_act_fn
 
 __all__ = ['NfNetCfg', 'NFBlock', 'NFNet', 'MODEL_CFGS']
@@ -57,7 +57,6 @@ def _wrappers_that_rerun_forward() -> Tuple[type, ...]:
     except ImportError:
         pass
     return tuple(found)
-
 
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -304,10 +303,16 @@ class NFNet(nn.Module):
         """A context in which the convs of the stem, ``stages`` and final conv use grouped weights."""
         if not self._use_grouped_ws():
             return contextlib.nullcontext()
-        modules = [self.stem, *stages] + ([self.final_conv] if final else [])
-        if any(isinstance(m, _wrappers_that_rerun_forward()) for module in modules for m in module.modules()):
-            return contextlib.nullcontext()
-        return standardized_once(plan_groups([ws_convs(m) for m in modules]))
+        wrappers, segments = _wrappers_that_rerun_forward(), []
+        for segment in [self.stem, *stages] + ([self.final_conv] if final else []):
+            convs = []
+            for m in segment.modules():
+                if isinstance(m, wrappers):
+                    return contextlib.nullcontext()
+                if isinstance(m, WSConv2d):
+                    convs.append(m)
+            segments.append(convs)
+        return standardized_once(plan_groups(segments))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
