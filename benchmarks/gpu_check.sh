@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# One prepared GPU session on the device machine (repo root, timm wheel carried in .whl/):
-# the side-by-side bf16 benchmark of inference and of the training step at batch 64 (NCHW and
-# channels_last), the step profile (forward+backward per weight-standardisation variant,
-# optimizer step), the CUDA-only tests (AGC, grouped weight standardisation), then inference
-# compiled on both sides (inductor, freezing, static shapes); ~3-4 minutes on an H200 (186 s on 2026-11-30).
+# The whole GPU check in one call, from the repo root: the CUDA-only tests (AGC, grouped weight
+# standardisation), the side-by-side bf16 benchmark of inference and of the training step at
+# batch 64 (NCHW and channels_last), the step profile (forward+backward per weight-standardisation
+# variant, optimizer step), the training command's quick start with bf16 and fp16 autocast, then
+# inference compiled on both sides (inductor, freezing, static shapes); ~3-4 minutes on an H200
+# (186 s on 2026-11-30). Outputs go to $OUT (default /tmp/out). Wheels in .whl/ (e.g. the timm
+# version CI tests, on a machine without internet) are installed into /tmp/site first; without
+# them the installed packages are used.
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+if compgen -G '.whl/*.whl' >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 # the CUDA-only tests first (skipped on CPU-only CI), where the device machine has pytest
 if python3 -c 'import pytest' 2>/dev/null; then
