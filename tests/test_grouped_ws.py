@@ -13,12 +13,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_nfnet_ext import grouped_ws
 from timm_nfnet_ext.checkpoint import checkpoint_filter_fn, load_checkpoint_file
-from timm_nfnet_ext.grouped_ws import _StandardizeRows, plan_groups, ws_convs
+from timm_nfnet_ext.grouped_ws import _StandardizeRows, plan_groups
 from timm_nfnet_ext.layers import GROUPED, WSConv2d, _standardize_weight_autograd, standardize_weight
 
 from conftest import FIXTURE_NAMES, FIXTURES, fixture_arrays, fixture_model_kwargs, tiny_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+
+
+def ws_convs(module):
+    return [m for m in module.modules() if isinstance(m, WSConv2d)]
 
 
 @pytest.fixture

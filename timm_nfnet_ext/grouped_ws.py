@@ -26,11 +26,10 @@ import functools
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 
-from .layers import GROUPED, WSConv2d
+from .layers import GROUPED, WSConv2d, _standardize_weight_autograd, autocast_dtype
 
-__all__ = ['WSGroup', 'plan_groups', 'standardize_group', 'standardized_once', 'ws_convs']
+__all__ = ['WSGroup', 'plan_groups', 'standardize_group', 'standardized_once']
 
 
 def _is_channels_last(w: torch.Tensor) -> bool:
@@ -54,13 +53,6 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor, channels_last: bool) -> t
 def _stack(weights: Sequence[torch.Tensor], channels_last: bool) -> torch.Tensor:
     rows = [_as_rows(w, channels_last) for w in weights]
     return torch.cat(rows) if len(rows) > 1 else rows[0]
-
-
-def _rows_expression(w: torch.Tensor, gain: torch.Tensor, row_scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """The reference formula on rows, left to autograd (used for double backward)."""
-    var, mean = torch.var_mean(w, dim=1, correction=0, keepdim=True)
-    scale = torch.rsqrt(torch.clamp(var * w.shape[1], min=eps)) * (gain * row_scale).unsqueeze(1)
-    return (w - mean) * scale
 
 
 class _StandardizeRows(torch.autograd.Function):
@@ -97,7 +89,8 @@ class _StandardizeRows(torch.autograd.Function):
         none = (None, None, None, None)
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             gain = torch.cat(gains) if n > 1 else gains[0]
-            out = _rows_expression(_stack(weights, cl), gain, row_scale, ctx.eps)
+            w = _stack(weights, cl)  # rows as (rows, fan_in, 1, 1): the per-conv formula applies as is
+            out = _standardize_weight_autograd(w[:, :, None, None], gain, row_scale, ctx.eps)[:, :, 0, 0]
             needed = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
             grads = iter(torch.autograd.grad(out, needed, g, create_graph=True))
             return none + tuple(next(grads) if need else None for need in ctx.needs_input_grad[4:])
@@ -155,17 +148,6 @@ def _row_scale(scales_and_rows: Tuple[Tuple[float, int], ...], device: torch.dev
     return torch.cat(rows).to(device)
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast gives convs on ``device_type``, or None when autocast is off."""
-    if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    if device_type == 'cuda':
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-    if device_type == 'cpu':
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-    return None
-
-
 def standardize_group(group: WSGroup) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """``(weight, bias)`` for each conv of ``group``, as the conv would apply them.
 
@@ -176,7 +158,7 @@ def standardize_group(group: WSGroup) -> List[Tuple[torch.Tensor, torch.Tensor]]
     convs = group.convs
     weights = [c.weight for c in convs]
     device_type = weights[0].device.type
-    cast = _autocast_dtype(device_type)
+    cast = autocast_dtype(device_type)
     row_scale = _row_scale(tuple((c.input_scale, c.out_channels) for c in convs), weights[0].device,
                            weights[0].dtype)
     with torch.autocast(device_type=device_type, enabled=False):
@@ -222,7 +204,3 @@ def standardized_once(groups: Sequence[WSGroup]) -> Iterator[None]:
     finally:
         GROUPED.take = previous
 
-
-def ws_convs(module: nn.Module) -> List[WSConv2d]:
-    """The weight-standardised convs of ``module`` (itself included), in module order."""
-    return [m for m in module.modules() if isinstance(m, WSConv2d)]

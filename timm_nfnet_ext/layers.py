@@ -169,6 +169,17 @@ class SameConv2d(nn.Conv2d):
 _functorch_active = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast gives convs on ``device_type``, or None when autocast is off there."""
+    if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == 'cuda':
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == 'cpu':
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
 class _StandardizeWeight(torch.autograd.Function):
     """``w_hat = (w - mean) * rsqrt(max(||w - mean||^2, eps)) * gain * c``, per output row.
 
@@ -220,9 +231,9 @@ class _StandardizeWeight(torch.autograd.Function):
         return grad_w.view_as(weight), grad_gain, None, None
 
 
-def _standardize_weight_autograd(weight: torch.Tensor, gain: torch.Tensor, input_scale: float,
-                                 eps: float) -> torch.Tensor:
-    """The reference expression, left to autograd."""
+def _standardize_weight_autograd(weight: torch.Tensor, gain: torch.Tensor,
+                                 input_scale: float | torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference expression, left to autograd (``input_scale``: a constant, or one per row)."""
     var, mean = torch.var_mean(weight, dim=(1, 2, 3), correction=0, keepdim=True)
     scale = torch.rsqrt(torch.clamp(var * weight[0].numel(), min=eps)) * (gain * input_scale).view(-1, 1, 1, 1)
     return weight * scale - mean * scale

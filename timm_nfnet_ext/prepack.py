@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from .layers import SameConv2d, same_conv_input
+from .layers import SameConv2d, autocast_dtype, same_conv_input
 
 __all__ = ['PrepackedConv2d', 'prepack_for_cpu', 'onednn_available']
 
@@ -49,16 +49,6 @@ class _Pack:
 
     def __reduce__(self):
         return _Pack, ()
-
-
-def _autocast_cpu() -> bool:
-    return torch.is_autocast_enabled('cpu')
-
-
-try:
-    _autocast_cpu()
-except TypeError:  # torch < 2.4: no device argument
-    _autocast_cpu = torch.is_autocast_cpu_enabled  # noqa: F811
 
 
 def _can_prepack(conv: nn.Module) -> bool:
@@ -110,7 +100,7 @@ class PrepackedConv2d(nn.Conv2d):
     def _use_packed(self, x: torch.Tensor) -> bool:
         if x.device.type != 'cpu' or x.dtype != torch.float32 or self.weight.dtype != torch.float32 or x.dim() != 4:
             return False
-        if torch.compiler.is_compiling() or _autocast_cpu():  # inductor prepacks itself; autocast: F.conv2d's dtype
+        if torch.compiler.is_compiling() or autocast_dtype('cpu') is not None:  # inductor prepacks itself; autocast: F.conv2d's dtype
             return False
         return not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, self.weight, self.bias))
