@@ -207,6 +207,7 @@ def train_step_fn(impl: str, model_name: str, device: str, amp: Optional[str], b
         if impl == 'timm':
             adaptive_clip_grad(model.parameters(), clip_factor=0.01)
         opt.step()
+    step.model = model  # for conv_efficiency.py's FLOP count
     return step
 
 
