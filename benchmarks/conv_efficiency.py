@@ -7,7 +7,8 @@ For each side, one process-worth of training steps (forward, backward, AGC, SGD:
 ``bench.py``) is timed, then profiled. Forward hooks on the convs count their FLOPs forward and
 backward (data and weight gradients: twice the forward); the profiler gives the time of the
 kernels that run them (``mkldnn_convolution`` and ``convolution_backward`` on CPU). The rest of
-the (unprofiled) step is everything that is not convolution. The last line prints the
+the (unprofiled) step is everything that is not convolution; the ops that take it are listed
+with their profiled self time. The last line prints the
 largest non-convolution time ours could have for a given ratio to timm (``--target``), with the
 convolutions as fast as they are: the bound any CPU speed-up at exact numerics has to fit in.
 """
@@ -61,9 +62,12 @@ def profile_step(step, steps: int) -> Dict[str, float]:
         for _ in range(steps):
             step()
     self_time = {e.key: e.self_cpu_time_total / 1e6 / steps for e in prof.key_averages()}
+    other = {k: v for k, v in self_time.items() if k not in FORWARD_KERNELS + BACKWARD_KERNELS}
     return {'step': statistics.median(walls),
             'forward': sum(self_time.get(k, 0.0) for k in FORWARD_KERNELS),
-            'backward': sum(self_time.get(k, 0.0) for k in BACKWARD_KERNELS)}
+            'backward': sum(self_time.get(k, 0.0) for k in BACKWARD_KERNELS),
+            'other_profiled': sum(other.values()),
+            'top_other': sorted(other.items(), key=lambda kv: -kv[1])}
 
 
 def main(argv=None) -> int:
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--px', type=int, default=192)
     p.add_argument('--steps', type=int, default=5, help='timed steps, then as many profiled, per side (after 2 warm-up steps)')
+    p.add_argument('--top', type=int, default=8, help='how many of the largest non-conv ops to list')
     p.add_argument('--target', type=float, default=1.1, help='the timm/ours step ratio to bound')
     args = p.parse_args(argv)
 
@@ -90,6 +95,8 @@ def main(argv=None) -> int:
         print(f"{impl:5s} step {t['step'] * 1e3:7.0f} ms | conv forward {t['forward'] * 1e3:5.0f} ms, "
               f"{flops['forward'] / t['forward'] / 1e9:4.0f} GFLOP/s | conv backward {t['backward'] * 1e3:5.0f} ms, "
               f"{flops['backward'] / t['backward'] / 1e9:4.0f} GFLOP/s | not conv {rest * 1e3:5.0f} ms")
+        print(f"      not conv, profiled self time {t['other_profiled'] * 1e3:.0f} ms; largest: "
+              + ', '.join(f'{k} {v * 1e3:.0f}' for k, v in t['top_other'][:args.top]))
         del step
     print(f"matmul peak measured before, between and after: {' / '.join(f'{x:.0f}' for x in peaks)} GFLOP/s")
     ours, theirs = results['ours'], results['timm']
