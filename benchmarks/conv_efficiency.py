@@ -3,14 +3,16 @@
     python benchmarks/conv_efficiency.py                       # NFNet-F0, b8/192, CPU fp32
     python benchmarks/conv_efficiency.py --model nfnet_f1 --batch 4 --px 224
 
-For each side, one process-worth of training steps (forward, backward, AGC, SGD: the step of
-``bench.py``) is timed, then profiled. Forward hooks on the convs count their FLOPs forward and
-backward (data and weight gradients: twice the forward); the profiler gives the time of the
+For each side in turn, the training step of ``bench.py`` (forward, backward, AGC, SGD) is timed
+for a few steps, then profiled for as many. Forward hooks on the convs count their FLOPs forward
+and backward (data and weight gradients: twice the forward); the profiler gives the time of the
 kernels that run them (``mkldnn_convolution`` and ``convolution_backward`` on CPU). The rest of
 the (unprofiled) step is everything that is not convolution; the ops that take it are listed
-with their profiled self time. The last line prints the
-largest non-convolution time ours could have for a given ratio to timm (``--target``), with the
-convolutions as fast as they are: the bound any CPU speed-up at exact numerics has to fit in.
+with their profiled self time. The last line prints the largest non-convolution time ours could
+have for a given ratio to timm (``--target``), with the convolutions as fast as they are: the
+room any CPU speed-up at exact numerics has to fit in. The two sides run one after the other,
+so drift of a shared machine lands on one of them: for the ratio itself, ``bench.py`` times
+them in alternating pairs.
 """
 from __future__ import annotations
 
