@@ -6,8 +6,8 @@
 For each side in turn, the training step of ``bench.py`` (forward, backward, AGC, SGD) is timed
 for a few steps, then profiled for as many. Forward hooks on the convs count their FLOPs forward
 and backward (data and weight gradients: twice the forward); the profiler gives the time of the
-kernels that run them (``mkldnn_convolution`` and ``convolution_backward`` on CPU). The rest of
-the (unprofiled) step is everything that is not convolution; the ops that take it are listed
+``convolution`` and ``convolution_backward`` ops, kernels included. The rest of the (unprofiled)
+step's wall time is everything that is not convolution; the ops that take it are listed
 with their profiled self time. The last line prints the largest non-convolution time ours could
 have for a given ratio to timm (``--target``), with the convolutions as fast as they are: the
 room any CPU speed-up at exact numerics has to fit in. The two sides run one after the other,
@@ -26,16 +26,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench import matmul_peak_gflops, train_step_fn  # this script's folder is on sys.path
 
-FORWARD_KERNELS = ('aten::mkldnn_convolution', 'aten::_convolution_mode', 'aten::thnn_conv2d',
-                   'aten::_slow_conv2d_forward', 'aten::_nnpack_spatial_convolution')
-BACKWARD_KERNELS = ('aten::convolution_backward',)
+# Inclusive time of these two ops: whichever kernel runs underneath (oneDNN, or a fallback).
+FORWARD_OP = 'aten::convolution'
+BACKWARD_OP = 'aten::convolution_backward'
 
 
 def conv_flops(model: torch.nn.Module, step) -> Dict[str, int]:
     """FLOPs (2 per multiply-accumulate) of one step's convolutions: ``forward``, and ``backward``
     (the weight gradient, plus the data gradient where the input needs one: not for the stem's
-    first conv). Counted from each conv's output, not with ATen's flop counter, whose
-    ``convolution_backward`` formula counts a strided conv's data gradient at full resolution."""
+    first conv). Counted from each conv's output, not with ATen's flop counter, which puts F0's
+    ``convolution_backward`` at 3.3x its forward FLOPs instead of 2x (its weight-gradient
+    formula over-counts grouped convs)."""
     counts = {'forward': 0, 'backward': 0}
 
     def hook(conv, inputs, out):
@@ -54,7 +55,7 @@ def conv_flops(model: torch.nn.Module, step) -> Dict[str, int]:
 
 def profile_step(step, steps: int) -> Dict[str, float]:
     """Seconds per step: the whole step (median wall time, not profiled: the profiler's own cost
-    would land outside the convolutions) and the self time of the conv kernels (profiled)."""
+    would land outside the convolutions) and the time of the convolutions (profiled)."""
     walls = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -63,26 +64,43 @@ def profile_step(step, steps: int) -> Dict[str, float]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    self_time = {e.key: e.self_cpu_time_total / 1e6 / steps for e in prof.key_averages()}
-    other = {k: v for k, v in self_time.items() if k not in FORWARD_KERNELS + BACKWARD_KERNELS}
+    events = {e.key: e for e in prof.key_averages()}
+    if FORWARD_OP not in events or BACKWARD_OP not in events:
+        raise RuntimeError(f'the profile has no {FORWARD_OP} / {BACKWARD_OP}: not a conv model?')
+    total = {k: e.cpu_time_total / 1e6 / steps for k, e in events.items()}
+    # self time of every op not under a convolution (kernels under one are not conv-free work)
+    conv_children = {'aten::_convolution', 'aten::mkldnn_convolution', 'aten::_convolution_mode',
+                     'aten::thnn_conv2d', 'aten::_slow_conv2d_forward', 'aten::_slow_conv2d_backward',
+                     'aten::_nnpack_spatial_convolution'}
+    other = {k: e.self_cpu_time_total / 1e6 / steps for k, e in events.items()
+             if k not in conv_children | {FORWARD_OP, BACKWARD_OP, 'aten::conv2d'}}
     return {'step': statistics.median(walls),
-            'forward': sum(self_time.get(k, 0.0) for k in FORWARD_KERNELS),
-            'backward': sum(self_time.get(k, 0.0) for k in BACKWARD_KERNELS),
+            'forward': total[FORWARD_OP],
+            'backward': total[BACKWARD_OP],
             'other_profiled': sum(other.values()),
             'top_other': sorted(other.items(), key=lambda kv: -kv[1])}
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default='nfnet_f0', help='ours; timm side: dm_<model>')
+    p.add_argument('--model', default='nfnet_f0', choices=[f'nfnet_f{i}' for i in range(7)],
+                   help='ours; timm side: dm_<model> (timm has F0-F6)')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--px', type=int, default=192)
-    p.add_argument('--steps', type=int, default=5, help='timed steps, then as many profiled, per side (after 2 warm-up steps)')
+    p.add_argument('--steps', type=_positive_int, default=5, help='timed steps, then as many profiled, per side (after 2 warm-up steps)')
     p.add_argument('--top', type=int, default=8, help='how many of the largest non-conv ops to list')
     p.add_argument('--target', type=float, default=1.1, help='the timm/ours step ratio to bound')
     args = p.parse_args(argv)
 
     peaks = [matmul_peak_gflops('cpu', torch.float32)]
+    rows = []
     print(f'{args.model} training step, b{args.batch}/{args.px}px, CPU fp32, {torch.get_num_threads()} threads')
     results = {}
     for impl in ('timm', 'ours'):
@@ -94,13 +112,18 @@ def main(argv=None) -> int:
         peaks.append(matmul_peak_gflops('cpu', torch.float32))
         rest = t['step'] - t['forward'] - t['backward']
         results[impl] = dict(t, rest=rest)
+        rows.append((impl, t, flops, rest))
+        del step
+    peak = statistics.median(peaks)
+    for impl, t, flops, rest in rows:
+        fwd, bwd = flops['forward'] / t['forward'] / 1e9, flops['backward'] / t['backward'] / 1e9
         print(f"{impl:5s} step {t['step'] * 1e3:7.0f} ms | conv forward {t['forward'] * 1e3:5.0f} ms, "
-              f"{flops['forward'] / t['forward'] / 1e9:4.0f} GFLOP/s | conv backward {t['backward'] * 1e3:5.0f} ms, "
-              f"{flops['backward'] / t['backward'] / 1e9:4.0f} GFLOP/s | not conv {rest * 1e3:5.0f} ms")
+              f"{fwd:4.0f} GFLOP/s ({fwd / peak:.0%}) | conv backward {t['backward'] * 1e3:5.0f} ms, "
+              f"{bwd:4.0f} GFLOP/s ({bwd / peak:.0%}) | not conv {rest * 1e3:5.0f} ms (step - conv)")
         print(f"      not conv, profiled self time {t['other_profiled'] * 1e3:.0f} ms; largest: "
               + ', '.join(f'{k} {v * 1e3:.0f}' for k, v in t['top_other'][:args.top]))
-        del step
-    print(f"matmul peak measured before, between and after: {' / '.join(f'{x:.0f}' for x in peaks)} GFLOP/s")
+    print(f"matmul peak measured before, between and after: {' / '.join(f'{x:.0f}' for x in peaks)} GFLOP/s "
+          f"(percentages above: of the median, {peak:.0f})")
     ours, theirs = results['ours'], results['timm']
     budget = theirs['step'] / args.target - ours['forward'] - ours['backward']
     print(f"ratio timm/ours {theirs['step'] / ours['step']:.2f}x; for {args.target:.2f}x with these convolutions, "
