@@ -211,8 +211,9 @@ def train_step_fn(impl: str, model_name: str, device: str, amp: Optional[str], b
     return step
 
 
-def _child_memory(args) -> None:
-    """Runs in a subprocess holding one model, so that the peak memory is that side's own."""
+def _child_alone(args) -> None:
+    """Runs in a subprocess holding one model, as one trains: that side's own peak memory (over
+    its first 3 steps) and its step time with no other model in the process (median)."""
     step = train_step_fn(args.child, args.model, args.device, args.amp, args.train_batch, args.train_px)
     if args.device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
@@ -220,7 +221,8 @@ def _child_memory(args) -> None:
         step()
     _sync(args.device)
     peak = torch.cuda.max_memory_allocated() if args.device == 'cuda' else _peak_rss_bytes()
-    print(json.dumps(dict(peak_bytes=peak)))
+    seconds = time_fn(step, args.device, warmup=0, repeats=args.train_repeats)
+    print(json.dumps(dict(peak_bytes=peak, step_seconds=seconds)))
 
 
 def _peak_rss_bytes() -> int:
@@ -249,23 +251,31 @@ def bench_train_channels_last(args) -> Dict:
 
 
 def bench_train(args) -> Dict:
-    """Speed: both steps in this process, timed in alternation. Memory: one child process each."""
+    """Speed: both steps in this process, timed in alternation (the ratio), and each side alone
+    in child processes, two each in ABBA order (the mean of their medians; as one trains).
+    Memory: the child processes."""
     timm_step = train_step_fn('timm', args.model, args.device, args.amp, args.train_batch, args.train_px)
     ours_step = train_step_fn('ours', args.model, args.device, args.amp, args.train_batch, args.train_px)
     ts_timm, ts_ours = time_pair(timm_step, ours_step, args.device, args.warmup, args.train_repeats)
     t_timm, t_ours = statistics.median(ts_timm), statistics.median(ts_ours)
     del timm_step, ours_step
-    peak = {}
-    for impl in ('timm', 'ours'):
+    peak, alone = {'timm': 0.0, 'ours': 0.0}, {'timm': [], 'ours': []}
+    for impl in ('timm', 'ours', 'ours', 'timm'):  # ABBA: a steady drift lands on both sides alike
         cmd = [sys.executable, __file__, '--child', impl] + [a for a in sys.argv[1:] if a != '--child']
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f'training step ({impl}) failed:\n{res.stderr[-3000:]}')
-        peak[impl] = json.loads(res.stdout.strip().splitlines()[-1])['peak_bytes'] / 2 ** 20
+        child = json.loads(res.stdout.strip().splitlines()[-1])
+        peak[impl] = max(peak[impl], child['peak_bytes'] / 2 ** 20)
+        alone[impl].append(1e3 * child['step_seconds'])
+    alone = {impl: statistics.mean(ms) for impl, ms in alone.items()}
     row = dict(case='train step + AGC + SGD', batch=args.train_batch, px=args.train_px,
                timm_ms=1e3 * t_timm, ours_ms=1e3 * t_ours, ratio=paired_ratio(ts_timm, ts_ours),
-               timm_peak_mb=peak['timm'], ours_peak_mb=peak['ours'])
+               timm_peak_mb=peak['timm'], ours_peak_mb=peak['ours'],
+               timm_ms_alone=alone['timm'], ours_ms_alone=alone['ours'], ratio_alone=alone['timm'] / alone['ours'])
     _print_row(row)
+    print(f'    each side alone in its own process (2 each): timm {alone["timm"]:.1f} ms, ours {alone["ours"]:.1f} ms, '
+          f'x{row["ratio_alone"]:.2f}')
     print(f'    peak memory over 3 steps: timm {peak["timm"]:.0f} MB, ours {peak["ours"]:.0f} MB '
           f'({"CUDA max allocated" if args.device == "cuda" else "peak RSS of a process holding one model"})')
     return row
@@ -309,7 +319,7 @@ def main(argv=None) -> int:
     if args.amp and args.tol == 1e-4:
         args.tol = 0.5  # reduced-precision paths are compared loosely
     if args.child:
-        _child_memory(args)
+        _child_alone(args)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

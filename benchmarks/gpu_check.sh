@@ -3,8 +3,8 @@
 # standardisation), the side-by-side bf16 benchmark of inference and of the training step at
 # batch 64 (NCHW and channels_last), the step profile (forward+backward per weight-standardisation
 # variant, optimizer step), the training command's quick start with bf16 and fp16 autocast, then
-# inference compiled on both sides (inductor, freezing, static shapes); ~3-4 minutes on an H200
-# (186 s on 2026-11-30). Outputs go to $OUT (default /tmp/out). Wheels in .whl/ (e.g. the timm
+# inference compiled on both sides (inductor, freezing, static shapes); ~3-5 minutes on an H200
+# (186 s on 2026-11-30, before the training row also timed each side in its own processes). Outputs go to $OUT (default /tmp/out). Wheels in .whl/ (e.g. the timm
 # version CI tests, on a machine without internet) are installed into /tmp/site first; without
 # them the installed packages are used.
 set -o pipefail
@@ -22,7 +22,7 @@ if python3 -c 'import pytest' 2>/dev/null; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_agc.py tests/test_grouped_ws.py -k cuda 2>&1 \
     | tail -8 | tee $OUT/cuda_tests.log
 fi
-timeout 200 python3 benchmarks/bench.py --device cuda --amp bf16 --batch-sizes 8 64 --sizes 256 \
+timeout 260 python3 benchmarks/bench.py --device cuda --amp bf16 --batch-sizes 8 64 --sizes 256 \
   --train-batch 64 --train-px 192 --train-channels-last --no-compile --repeats 10 --train-repeats 15 \
   --json $OUT/bench_cuda.json 2>&1 | grep -v gpuGetDeviceCount | tee $OUT/bench_cuda.log
 # where the step's time goes on the GPU (forward+backward per WS variant, optimizer step)
