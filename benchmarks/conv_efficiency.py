@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                    help='ours; timm side: dm_<model> (timm has F0-F6)')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--px', type=int, default=192)
-    p.add_argument('--steps', type=_positive_int, default=5, help='timed steps, then as many profiled, per side (after 2 warm-up steps)')
+    p.add_argument('--steps', type=_positive_int, default=5,
+                   help='timed steps, then as many profiled, per side (after 2 warm-up steps)')
     p.add_argument('--top', type=int, default=8, help='how many of the largest non-conv ops to list')
     p.add_argument('--target', type=float, default=1.1, help='the timm/ours step ratio to bound')
     args = p.parse_args(argv)
