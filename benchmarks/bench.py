@@ -12,7 +12,8 @@ same as JSON:
 - one training step (forward, backward, AGC, SGD step): timm's model + timm's
   ``adaptive_clip_grad`` + ``torch.optim.SGD`` vs ours + ``sgdagc`` (and with
   ``--train-channels-last``, the same with both sides in channels_last);
-- peak memory of each training step (CUDA: max allocated; CPU: peak RSS of a child process);
+- the same training step with each side alone in its own processes (two per side, ABBA order),
+  and its peak memory there (CUDA: max allocated; CPU: peak RSS of the child process);
 - achieved GFLOP/s of each inference row against a fp32 matmul peak measured in the same run.
 """
 from __future__ import annotations

@@ -4,9 +4,10 @@
 # batch 64 (NCHW and channels_last), the step profile (forward+backward per weight-standardisation
 # variant, optimizer step), the training command's quick start with bf16 and fp16 autocast, then
 # inference compiled on both sides (inductor, freezing, static shapes); ~3-5 minutes on an H200
-# (186 s on 2026-11-30, before the training row also timed each side in its own processes). Outputs go to $OUT (default /tmp/out). Wheels in .whl/ (e.g. the timm
-# version CI tests, on a machine without internet) are installed into /tmp/site first; without
-# them the installed packages are used.
+# (186 s on 2026-11-30, before the training row also timed each side in its own processes).
+# Outputs go to $OUT (default /tmp/out). Wheels in .whl/ (e.g. the timm version CI tests, on a
+# machine without internet) are installed into /tmp/site first; without them the installed
+# packages are used.
 set -o pipefail
 if compgen -G '.whl/*.whl' >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
