@@ -79,7 +79,19 @@ def _check_round_trip(folder: Path, built: BuiltModel) -> None:
             raise ValidationError(f'the written files in {folder} do not reload to the same model')
 
 
+def release_pretrained_cfg(model: torch.nn.Module, release: Release) -> dict:
+    """The model's pretrained cfg with the release's resolutions, crop and licence: what
+    ``config.json`` must carry (a custom release's sizes differ from the architecture's defaults)."""
+    train, test = release.train_size, release.test_size
+    cfg = dict(model.pretrained_cfg)
+    cfg.update(input_size=(3, train, train), test_input_size=(3, test, test),
+               pool_size=(-(-train // 32), -(-train // 32)), crop_pct=test / (test + 32),
+               num_classes=model.num_classes, license=release.license)
+    return cfg
+
+
 def _write_staged(built: BuiltModel, stage: Path, repo_id: str, label: str, source_sha256: str) -> None:
+    built.model.pretrained_cfg = release_pretrained_cfg(built.model, built.release)
     save_model_folder(built.model, stage, _metadata(built, label, source_sha256))
     proofs = built.proofs + ['the written files reload through timm (`local-dir:`, as `hf-hub:` does) '
                              'to identical outputs']

@@ -25,9 +25,11 @@ CITATION = """@article{brock2021high,
 
 
 def _eval_results(release: Release) -> List[EvalResult]:
+    dataset_name = 'ImageNet-1k' if release.dataset == 'imagenet-1k' else release.dataset
     common = dict(task_type='image-classification', task_name='Image Classification',
-                  dataset_type=release.dataset, dataset_name='ImageNet-1k', dataset_split='validation',
-                  source_name=PAPER_TITLE, source_url=PAPER_URL)
+                  dataset_type=release.dataset, dataset_name=dataset_name, dataset_split='validation')
+    if release.from_deepmind:  # the accuracy DeepMind published; a custom release's is its own claim
+        common.update(source_name=PAPER_TITLE, source_url=PAPER_URL)
     results = []
     if release.top1 is not None:
         results.append(EvalResult(metric_type='accuracy', metric_name='Top-1 accuracy',
@@ -64,20 +66,57 @@ def _results_table(release: Release) -> str:
 
 def _usage(release: Release, repo_id: str) -> str:
     s = release.test_size
-    return f"""```python
+    text = f"""```python
 import timm
-import timm_nfnet_ext  # registers the NFNets (pip install timm-nfnet-ext)
+import timm_nfnet_ext  # required: registers these NFNets (pip install timm-nfnet-ext)
 from PIL import Image
 
 model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
-cfg = timm.data.resolve_data_config({{}}, model=model)  # {s} px, bicubic, squash, crop {s}/{s + 32}
+cfg = timm.data.resolve_data_config({{}}, model=model, use_test_size=True)  # {s} px, bicubic, squash, crop {s}/{s + 32}
 transform = timm.data.create_transform(**cfg)
 probs = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0)).softmax(-1)
 top5 = probs.topk(5)
 ```
 
-With `TIMM_NFNET_HUB_NAMESPACE={repo_id.split('/')[0]}` set before the import,
+`import timm_nfnet_ext` must come first: `config.json` names the architecture `{release.model}`,
+and timm on its own has a different, weightless model under that name, which these weights do
+not fit."""
+    namespace, name = repo_id.split('/')
+    if name == f'{release.model}.dm_in1k':  # the repo the pretrained cfgs point at (hub_repo_id)
+        text += f"""
+
+With `TIMM_NFNET_HUB_NAMESPACE={namespace}` set before the import,
 `timm.create_model('{release.model}', pretrained=True)` loads these weights too."""
+    return text
+
+
+def _description(release: Release) -> str:
+    if release.from_deepmind:
+        return f"""{release.title}, a Normalizer-Free Network trained by DeepMind on ImageNet-1k (360 epochs,
+batch 4096, with adaptive gradient clipping), from "{PAPER_TITLE}" (Brock, De, Smith,
+Simonyan, 2021). These are DeepMind's released weights, unchanged, in safetensors for
+[timm](https://github.com/huggingface/pytorch-image-models) through
+`timm-nfnet-ext`, whose `{release.model}` computes exactly what DeepMind's JAX code computes
+(tanh GELU, DeepMind's weight standardisation, 'SAME' padding)."""
+    return f"""{release.title}, a Normalizer-Free Network (`{release.model}` of `timm-nfnet-ext`, the architecture
+of "{PAPER_TITLE}", Brock, De, Smith, Simonyan, 2021), in safetensors for
+[timm](https://github.com/huggingface/pytorch-image-models). `timm-nfnet-ext` computes exactly
+what DeepMind's JAX code computes (tanh GELU, DeepMind's weight standardisation, 'SAME' padding)."""
+
+
+def _results(release: Release) -> str:
+    if release.from_deepmind:
+        return f"""## Results (as published)
+
+{_results_table(release)}
+
+ImageNet-1k validation accuracy as reported by the authors ({PAPER_URL},
+[code and weights]({CODE_URL})); not re-measured here."""
+    return f"""## Results
+
+{_results_table(release)}
+
+As given in the release manifest; not re-measured by the converter."""
 
 
 def render_card(
@@ -94,19 +133,9 @@ def render_card(
     proof_lines = '\n'.join(f'  - {p}' for p in proofs) or '  - (no checks recorded)'
     body = f"""# {release.title} (`{repo_id}`)
 
-{release.title}, a Normalizer-Free Network trained by DeepMind on ImageNet-1k (360 epochs,
-batch 4096, with adaptive gradient clipping), from "{PAPER_TITLE}" (Brock, De, Smith,
-Simonyan, 2021). These are DeepMind's released weights, unchanged, in safetensors for
-[timm](https://github.com/huggingface/pytorch-image-models) through
-`timm-nfnet-ext`, whose `{release.model}` computes exactly what DeepMind's JAX code computes
-(tanh GELU, DeepMind's weight standardisation, 'SAME' padding).
+{_description(release)}
 
-## Results (as published)
-
-{_results_table(release)}
-
-ImageNet-1k validation accuracy as reported by the authors ({PAPER_URL},
-[code and weights]({CODE_URL})); not re-measured here.
+{_results(release)}
 
 ## Preprocessing
 
@@ -125,13 +154,13 @@ mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). In timm terms `crop_pc
   source and the converter.
 - `config.json`: timm's model config (architecture `{release.model}` and preprocessing).
 - Source: {source_name}, sha256 `{source_sha256}`.
-  DeepMind's original: {release.source_url or 'not public'}.
+  Original: {release.source_url or 'not public'}.
 - Converted by `{converter}` (`timm-nfnet-hub`), which checked before writing:
 {proof_lines}
 
 ## Licence
 
-{release.license}, as DeepMind released the weights.
+{release.license}{', as DeepMind released the weights' if release.from_deepmind else ''}.
 
 ## Citation
 

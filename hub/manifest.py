@@ -44,12 +44,25 @@ class Release:
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     timm_repo_id: Optional[str] = None
     timm_model: Optional[str] = None
+    origin: str = 'custom'
+
+    @property
+    def from_deepmind(self) -> bool:
+        """DeepMind's own released weights (``"origin": "deepmind"``): the card then tells their training
+        recipe and cites the accuracy they published."""
+        return self.origin == 'deepmind'
 
     def repo_id(self, namespace: str) -> str:
         """``namespace/repo_name``, the Hub repo this release is published to."""
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
         if not namespace or '/' in namespace:
             raise ManifestError(f'invalid Hub namespace {namespace!r}: expected a user or organisation name')
-        return f'{namespace}/{self.repo_name}'
+        repo_id = f'{namespace}/{self.repo_name}'
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as e:
+            raise ManifestError(f'invalid Hub repo id {repo_id!r}: {e}') from None
+        return repo_id
 
 
 _REQUIRED = ('model', 'repo_name', 'source', 'train_size', 'test_size', 'params_m')
@@ -82,7 +95,14 @@ def _release_from_dict(key: str, d: Mapping[str, Any], where: str) -> Release:
         model_kwargs=dict(d.get('model_kwargs') or {}),
         timm_repo_id=timm_src.get('repo_id'),
         timm_model=timm_src.get('model'),
+        origin=_origin(d.get('origin', 'custom'), key, where),
     )
+
+
+def _origin(value: Any, key: str, where: str) -> str:
+    if value not in ('deepmind', 'custom'):
+        raise ManifestError(f'{where}: release {key!r} has origin {value!r}; expected "deepmind" or "custom"')
+    return value
 
 
 def load_manifest(path: Optional[PathLike] = None) -> Dict[str, Release]:

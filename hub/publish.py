@@ -56,6 +56,10 @@ def connect_hub(endpoint: Optional[str] = None, token: Optional[str] = None,
     except Exception as e:  # connection refused, DNS, timeout, TLS: transport errors of any HTTP backend
         raise PublishError(f'cannot reach the Hub at {api.endpoint} ({type(e).__name__}: {e}); '
                            'nothing was uploaded') from None
+    access = (who.get('auth') or {}).get('accessToken') or {}
+    if access.get('role') == 'read':  # fine-grained tokens carry per-repo scopes: left to the upload
+        raise PublishError(f'the token for {who.get("name")} is read-only: publishing needs a token with write '
+                           'access; nothing was uploaded')
     names = {who.get('name')} | {org.get('name') for org in who.get('orgs', []) if isinstance(org, dict)}
     if namespace and namespace not in names:
         print(f'warning: {who.get("name")} is not {namespace!r} nor a member of it; the upload may be refused',
@@ -70,14 +74,16 @@ def _head(api: Any, repo_id: str) -> Optional[str]:
         return None
 
 
-def upload_to_hub(api: Any, folder: Path, repo_id: str, message: str, files: List[str]) -> Tuple[str, bool]:
+def upload_to_hub(api: Any, folder: Path, repo_id: str, message: str, files: List[str],
+                  private: bool = False) -> Tuple[str, bool]:
     """``create_repo(exist_ok=True)`` then ``upload_folder``; returns (commit id, whether a commit was made).
 
+    ``private`` applies when the repo is created; an existing repo keeps its visibility.
     huggingface_hub drops files whose content the repo already has and makes no commit when
     nothing is left, so publishing unchanged content twice leaves the repo as it was.
     """
     try:
-        api.create_repo(repo_id, repo_type='model', exist_ok=True)
+        api.create_repo(repo_id, repo_type='model', exist_ok=True, private=private)
         before = _head(api, repo_id)
         info = api.upload_folder(repo_id=repo_id, repo_type='model', folder_path=str(folder),
                                  allow_patterns=list(files), commit_message=message)
@@ -156,7 +162,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.git_mirror:
         from .gitmirror import mirror_repo_path
         repo_path = mirror_repo_path(args.git_mirror, repo_id)
-    message = args.message or f'{release.title}: DeepMind weights converted and validated by timm-nfnet-hub'
+    what = 'DeepMind weights' if release.from_deepmind else 'weights'
+    message = args.message or f'{release.title}: {what} converted and validated by timm-nfnet-hub'
     api = None
     if not args.dry_run and not args.git_mirror:
         api, user = connect_hub(args.endpoint, args.token, repo_id.split('/')[0])  # fail fast, before any work
@@ -172,7 +179,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             from .gitmirror import commit_folder
             commit, changed = commit_folder(result.folder, repo_path, message, FILES)
         else:
-            commit, changed = upload_to_hub(api, result.folder, repo_id, message, list(FILES))
+            commit, changed = upload_to_hub(api, result.folder, repo_id, message, list(FILES), args.private)
             repo_path = f'{api.endpoint}/{repo_id}'
     print(f'{"committed" if changed else "unchanged, no new commit:"} {repo_path} @ {commit}')
     return 0
@@ -213,6 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument('--endpoint', help='Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co)')
     pub.add_argument('--token', help='Hub token (default: $HF_TOKEN or the stored login)')
     pub.add_argument('--message', help='commit message')
+    pub.add_argument('--private', action='store_true', help='create the repo private (an existing repo keeps '
+                                                            'its visibility)')
     pub.set_defaults(func=cmd_publish)
     return parser
 

@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
+from timm_nfnet_ext.checkpoint import sniff_checkpoint_format
+
 from .manifest import Release
 
 __all__ = ['SourceError', 'resolve_source', 'check_source_file', 'sha256_file', 'default_cache_dir']
@@ -52,10 +54,9 @@ def sha256_file(path: PathLike) -> str:
 
 
 def is_deepmind_format(path: PathLike) -> bool:
-    """A pickle (DeepMind's ``F*_haiku.npz``) or a zip (``.npz``): the formats the manifest sizes describe."""
-    with open(path, 'rb') as f:
-        head = f.read(2)
-    return head[:1] == b'\x80' or head == b'PK'
+    """A pickle (DeepMind's ``F*_haiku.npz``) or a numpy ``.npz``: the formats the manifest sizes describe
+    (not safetensors or ``torch.save`` copies, whatever their first byte)."""
+    return sniff_checkpoint_format(path) in ('pickle', 'npz')
 
 
 def check_source_file(path: PathLike, size: Optional[int], sha256: Optional[str]) -> Optional[str]:

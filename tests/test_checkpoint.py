@@ -1,4 +1,5 @@
 """Safe reading of DeepMind pickles, layout mapping, and checkpoints that must be refused."""
+import json
 import os
 import pickle
 import struct
@@ -62,6 +63,66 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
 def test_other_globals_are_refused(obj):
     with pytest.raises(UnsafeCheckpointError, match='refusing'):
         read_deepmind_pickle(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize('dtype', ['O', 'V16', 'U5'])
+def test_arrays_built_by_calling_ndarray_are_refused(dtype):
+    """``numpy.ndarray`` may only name _reconstruct's class argument: calling it directly would
+    build object/void/string arrays (or allocate whatever shape the pickle asks for)."""
+    payload = (b'\x80\x04}X\x0b\x00\x00\x00NFNet/~/a/w\x8c\x05numpy\x8c\x07ndarray\x93K\x02\x85'
+               + b'X' + struct.pack('<I', len(dtype)) + dtype.encode() + b'\x86R\x94s.')
+    with pytest.raises(UnsafeCheckpointError, match='refusing'):
+        read_deepmind_pickle(payload)
+
+
+def test_protocol_2_pickles_of_arrays_load():
+    """Protocol 2 spells an array's bytes as ``_codecs.encode(str, 'latin1')``: allowed for that alone."""
+    tree = {'NFNet/~/stem_conv0': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    flat = read_deepmind_pickle(pickle.dumps(tree, protocol=2))
+    np.testing.assert_array_equal(flat['NFNet/~/stem_conv0/w'], tree['NFNet/~/stem_conv0']['w'])
+    evil = b'\x80\x02c_codecs\nencode\nK\x01X\x06\x00\x00\x00base64\x86R.'  # encode(1, 'base64')
+    with pytest.raises(UnsafeCheckpointError, match='_codecs.encode'):
+        read_deepmind_pickle(evil)
+
+
+def test_npz_of_strings_is_refused(tmp_path):
+    np.savez(tmp_path / 'a.npz', **{'NFNet/~/x/w': np.array(['abc'])})
+    with pytest.raises(UnsafeCheckpointError, match='only numeric arrays'):
+        load_checkpoint_file(tmp_path / 'a.npz')
+
+
+def _safetensors_with_header_low_byte(path, low_byte):
+    """A valid safetensors file whose 8-byte header length has the given low byte."""
+    for pad in range(64):
+        save_file({'w': torch.arange(4.0)}, str(path), metadata={'format': 'pt', 'pad': 'x' * pad})
+        if path.read_bytes()[0] == low_byte:
+            return path
+    raise AssertionError('no padding gave that header length')
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
+    """A safetensors header length of 0x..80 must not send the file to the pickle reader."""
+    from timm_nfnet_hub.sources import is_deepmind_format
+    from timm_nfnet_ext.checkpoint import sniff_checkpoint_format
+    path = _safetensors_with_header_low_byte(tmp_path / 'w.safetensors', 0x80)
+    assert sniff_checkpoint_format(path) == 'safetensors'
+    assert torch.equal(load_checkpoint_file(path)['w'], torch.arange(4.0))
+    assert not is_deepmind_format(path)
+    assert is_deepmind_format(FIXTURES / 'tiny_nfnet' / 'params.pkl')
+
+
+def test_torch_files_are_recognised_by_content(tmp_path):
+    """Legacy (pre-zip) torch.save files and zip ones without a torch extension load weights-only."""
+    from timm_nfnet_ext.checkpoint import sniff_checkpoint_format
+    sd = {'a.weight': torch.randn(3, 2), 'a.bias': torch.randn(3)}
+    torch.save(sd, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)
+    torch.save(sd, tmp_path / 'weights.data')
+    for name in ('legacy.pth', 'weights.data'):
+        assert sniff_checkpoint_format(tmp_path / name) == 'torch'
+        loaded = load_checkpoint_file(tmp_path / name)
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    np.savez(tmp_path / 'n.npz', w=np.ones(2, np.float32))
+    assert sniff_checkpoint_format(tmp_path / 'n.npz') == 'npz'
 
 
 def test_non_array_leaves_are_refused():
@@ -199,7 +260,27 @@ def test_converter_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'missing keys: stages.2.3.skip_gain (DeepMind NFNet/~/nf_block_6/skip_gain)' in err
     assert 'mis-shaped keys: ' in err and 'stem.conv3.weight (32, 64, 3, 3) vs model (128, 64, 3, 3)' in err
-    assert not (tmp_path / 'c' / 'model.safetensors').exists()
+    assert not (tmp_path / 'c').exists()  # the folder it created is removed again
+    assert convert.main([src, '-o', str(tmp_path / 'd'), '--model', 'nfnet_f0', '--model-kwargs', '[1]']) == 2
+    assert 'must be a JSON object' in capsys.readouterr().err
+    assert convert.main([src, '-o', str(tmp_path / 'e'), '--model', 'dm_nfnet_f0']) == 1  # timm's, not ours
+    assert 'unknown model' in capsys.readouterr().err
+    (tmp_path / 'file').write_text('x')
+    assert convert.main([src, '-o', str(tmp_path / 'file'), '--model', 'nfnet_f0']) == 1
+    assert 'exists and is not a folder' in capsys.readouterr().err
+
+
+def test_converter_does_not_overwrite_without_asking(tmp_path, capsys):
+    name = 'tiny_nfnet'
+    args = [str(FIXTURES / name / 'params.pkl'), '-o', str(tmp_path / 'out'), '--model', 'nfnet_f0',
+            '--model-kwargs', json.dumps(fixture_model_kwargs(name))]
+    assert convert.main(args) == 0
+    (tmp_path / 'out' / 'model.safetensors').write_bytes(b'mine')
+    assert convert.main(args) == 1
+    assert 'already holds model.safetensors' in capsys.readouterr().err
+    assert (tmp_path / 'out' / 'model.safetensors').read_bytes() == b'mine'  # untouched
+    assert convert.main(args + ['--overwrite']) == 0
+    assert load_checkpoint_file(tmp_path / 'out' / 'model.safetensors').keys() == tiny_model().state_dict().keys()
 
 
 def test_converter_refuses_non_finite_weights(tmp_path):

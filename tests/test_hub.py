@@ -126,6 +126,23 @@ def test_default_cfgs_download_timm_hosted_weights():
         ours = timm.models.get_pretrained_cfg(f'nfnet_f{i}.dm_in1k')
         assert ours.hf_hub_id == timm.models.get_pretrained_cfg(f'dm_nfnet_f{i}.dm_in1k').hf_hub_id
         assert ours.hf_hub_id == f'timm/dm_nfnet_f{i}.dm_in1k'
+        assert ours.hf_hub_filename == 'model.safetensors'  # never a pickled pytorch_model.bin
+        assert load_manifest()[f'F{i}'].from_deepmind
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason='exception notes (add_note) need Python 3.11')
+def test_offline_download_failure_names_the_repo(tmp_path, monkeypatch):
+    """huggingface_hub's own offline error names neither the repo nor the setting: a note adds both."""
+    import huggingface_hub.constants
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty'))
+    with pytest.raises(Exception) as info:
+        timm.create_model('nfnet_f2', pretrained=True, cache_dir=str(tmp_path / 'empty'),
+                          **fixture_model_kwargs('tiny_nfnet'))
+    notes = '\n'.join(getattr(info.value, '__notes__', []))
+    assert 'pretrained weights of nfnet_f2: could not fetch timm/dm_nfnet_f2.dm_in1k/model.safetensors' in notes
+    assert 'HF_HUB_OFFLINE is set' in notes
 
 
 # --- build: a DeepMind source ---------------------------------------------------------------------
@@ -146,6 +163,9 @@ def test_build_deepmind_checkpoint_with_reference(manifest, tmp_path, capsys):
 
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'nfnet_f0' and config['model_args']['widths'] == [64, 128, 192, 192]
+    cfg = config['pretrained_cfg']  # the release's sizes, not nfnet_f0's 192/256 defaults
+    assert cfg['input_size'] == [3, 48, 48] and cfg['test_input_size'] == [3, 64, 64]
+    assert cfg['crop_pct'] == pytest.approx(64 / 96) and cfg['crop_mode'] == 'squash'
     model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     got, dm_logits = tiny_expected()
     with torch.no_grad():
@@ -164,6 +184,35 @@ def test_build_deepmind_checkpoint_with_reference(manifest, tmp_path, capsys):
     assert [m['value'] for m in metrics] == [12.5]
     assert "timm.create_model('hf-hub:testorg/nfnet_f0.dm_in1k', pretrained=True)" in body
     assert 'squash' in body and '@article{brock2021high' in body and 'sha256' in body
+    # a custom release (the manifest's default origin) does not claim DeepMind's training or results
+    assert 'trained by DeepMind' not in body and 'as DeepMind released' not in body
+    assert 'As given in the release manifest' in body
+    assert 'source' not in meta['model-index'][0]['results'][0]  # not the paper's number
+
+
+def test_card_of_deepmind_release():
+    """The packaged releases are DeepMind's: the card tells their training, cites the paper's
+    accuracy, evaluates at the test size and says the import is required."""
+    from timm_nfnet_hub.card import render_card
+    release = load_manifest()['F0']
+    assert release.from_deepmind
+    card = render_card(release, 'org/nfnet_f0.dm_in1k', 'F0_haiku.npz', '0' * 64, 'conv', ['ok'])
+    _, header, body = card.split('---\n', 2)
+    assert 'trained by DeepMind' in body and 'Results (as published)' in body
+    assert 'resolve_data_config({}, model=model, use_test_size=True)' in body
+    assert 'import timm_nfnet_ext  # required' in body
+    assert 'TIMM_NFNET_HUB_NAMESPACE=org' in body  # the repo the pretrained cfgs point at
+    metrics = yaml.safe_load(header)['model-index'][0]['results'][0]
+    assert metrics['source']['url'] == 'https://arxiv.org/abs/2102.06171'
+    other = render_card(release, 'org/my_f0', 'F0_haiku.npz', '0' * 64, 'conv', ['ok'])
+    assert 'TIMM_NFNET_HUB_NAMESPACE' not in other  # create_model('nfnet_f0') would not load this repo
+
+
+def test_invalid_namespace_is_refused_before_any_work(manifest, capsys):
+    rc, stdout, err = run_cli(capsys, 'publish', 'tiny', '--manifest', manifest, '--src', TINY / 'params.pkl',
+                              '--namespace', 'bad name!', '--dry-run')
+    assert rc == 1 and "invalid Hub repo id 'bad name!/nfnet_f0.dm_in1k'" in err, err
+    assert 'dry run' not in stdout
 
 
 # --- bad input: a clear error and nothing left behind -----------------------------------------------
@@ -312,8 +361,8 @@ class FakeHub:
     def __init__(self):
         self.calls, self.head, self.content = [], 'c0', None
 
-    def create_repo(self, repo_id, repo_type, exist_ok):
-        self.calls.append(('create_repo', repo_id, exist_ok))
+    def create_repo(self, repo_id, repo_type, exist_ok, private=False):
+        self.calls.append(('create_repo', repo_id, exist_ok, private))
 
     def repo_info(self, repo_id, repo_type):
         return type('Info', (), {'sha': self.head})
@@ -332,7 +381,7 @@ def test_publish_to_hub_calls_and_refusals(manifest, tmp_path, capsys, monkeypat
     args = ['--manifest', manifest, '--src', TINY / 'params.pkl', '--namespace', 'org']
     rc, stdout, err = run_cli(capsys, 'publish', 'tiny', *args)
     assert rc == 0, err
-    assert hub.calls == [('create_repo', 'org/nfnet_f0.dm_in1k', True),
+    assert hub.calls == [('create_repo', 'org/nfnet_f0.dm_in1k', True, False),
                          ('upload_folder', 'org/nfnet_f0.dm_in1k', ['README.md', 'config.json', 'model.safetensors'])]
     assert 'committed' in stdout
     rc, stdout, err = run_cli(capsys, 'publish', 'tiny', *args)  # same content: same bytes, no new commit
@@ -340,6 +389,25 @@ def test_publish_to_hub_calls_and_refusals(manifest, tmp_path, capsys, monkeypat
     hub.calls.clear()
     rc, stdout, err = run_cli(capsys, 'publish', 'tiny_wrong_params', *args)
     assert rc == 1 and 'wrong parameter count' in err and hub.calls == []
+    rc, stdout, err = run_cli(capsys, 'publish', 'tiny', *args, '--private')
+    assert rc == 0 and hub.calls[0] == ('create_repo', 'org/nfnet_f0.dm_in1k', True, True)
+
+
+def test_read_only_token_is_refused_before_any_work(monkeypatch):
+    import huggingface_hub
+
+    class ReadOnlyApi:
+        endpoint = 'https://hub.invalid'
+
+        def __init__(self, endpoint=None, token=None):
+            pass
+
+        def whoami(self):
+            return {'name': 'u', 'orgs': [], 'auth': {'accessToken': {'role': 'read'}}}
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', ReadOnlyApi)
+    with pytest.raises(publish.PublishError, match='read-only'):
+        publish.connect_hub(token='hf_x', namespace='u')
 
 
 def hub_cli(*argv, env=None, timeout=60):

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'read_deepmind_pickle', 'load_checkpoint_file',
-    'detect_layout', 'deepmind_to_native', 'timm_to_native', 'native_to_timm', 'checkpoint_filter_fn',
+    'sniff_checkpoint_format', 'detect_layout', 'deepmind_to_native', 'timm_to_native', 'native_to_timm', 'checkpoint_filter_fn',
     'check_state_dict',
 ]
 
@@ -48,9 +48,10 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 _NP_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's own `_reconstruct`, whatever its module
 
 
-def _check_dtype(dtype: np.dtype) -> np.dtype:
+def _check_dtype(dtype: np.dtype, where: str = '') -> np.dtype:
     if dtype.hasobject or dtype.kind not in 'biufc':
-        raise UnsafeCheckpointError(f'refusing numpy dtype {dtype!r}: only numeric arrays are accepted')
+        raise UnsafeCheckpointError(
+            f'{where + ": " if where else ""}refusing numpy dtype {dtype!r}: only numeric arrays are accepted')
     return dtype
 
 
@@ -58,9 +59,27 @@ def _safe_dtype(*args: Any) -> np.dtype:
     return _check_dtype(np.dtype(*args))
 
 
+class _NdarrayToken:
+    """What the pickle's ``numpy.ndarray`` global resolves to: a name for ``_reconstruct``'s first
+    argument that refuses to be called (``ndarray(shape, dtype)`` would build object arrays or
+    allocate any size the pickle asks for)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise UnsafeCheckpointError('refusing a direct numpy.ndarray(...) call: arrays must come from _reconstruct')
+
+    def __repr__(self) -> str:
+        return 'numpy.ndarray (as an argument of _reconstruct only)'
+
+
+_NDARRAY = _NdarrayToken()
+
+
 def _safe_reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
-    if cls is not np.ndarray:
+    if cls is not _NDARRAY:
         raise UnsafeCheckpointError(f'refusing to rebuild {cls!r}: only numpy.ndarray is accepted')
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and 0 <= n <= 1 for n in shape):
+        # numpy pickles an empty (0,) placeholder here and sends the real shape with the data
+        raise UnsafeCheckpointError(f'refusing numpy _reconstruct with shape {shape!r}')
     return _NP_RECONSTRUCT(np.ndarray, shape, dtype)
 
 
@@ -83,6 +102,13 @@ def _safe_scalar(dtype: Any, data: bytes) -> np.ndarray:
     return np.frombuffer(data, _check_dtype(np.dtype(dtype)), count=1).reshape(()).copy()
 
 
+def _safe_codecs_encode(text: Any, encoding: str = 'latin1') -> bytes:
+    """Protocol-2 pickles spell raw bytes as ``_codecs.encode(str, 'latin1')``: that, and nothing else."""
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise UnsafeCheckpointError(f'refusing _codecs.encode with {type(text).__name__}, {encoding!r}')
+    return text.encode('latin1')
+
+
 def _flat_mapping(*args: Any) -> Dict[str, Any]:
     """Stand-in for haiku's ``FlatMapping``: pickled as ``FlatMapping(dict)``; rebuilt as a dict."""
     if len(args) != 1 or not isinstance(args[0], Mapping):
@@ -94,7 +120,7 @@ _ALLOWED_GLOBALS: Dict[Tuple[str, str], Callable[..., Any]] = {
     ('collections', 'OrderedDict'): OrderedDict,
     ('haiku._src.data_structures', 'FlatMapping'): _flat_mapping,
     ('haiku._src.data_structures', 'FlatMap'): _flat_mapping,
-    ('numpy', 'ndarray'): np.ndarray,  # only ever an argument of _reconstruct
+    ('numpy', 'ndarray'): _NDARRAY,  # only ever an argument of _reconstruct
     ('numpy', 'dtype'): _safe_dtype,
     ('numpy.core.multiarray', '_reconstruct'): _safe_reconstruct,
     ('numpy._core.multiarray', '_reconstruct'): _safe_reconstruct,
@@ -103,6 +129,7 @@ _ALLOWED_GLOBALS: Dict[Tuple[str, str], Callable[..., Any]] = {
     ('numpy.core.numeric', '_frombuffer'): _safe_frombuffer,
     ('numpy._core.numeric', '_frombuffer'): _safe_frombuffer,
     ('dill._dill', '_create_array'): _safe_create_array,
+    ('_codecs', 'encode'): _safe_codecs_encode,
 }
 
 
@@ -127,12 +154,14 @@ def _flatten_tree(tree: Any, source: str) -> Dict[str, np.ndarray]:
     for module, params in tree.items():
         if isinstance(params, np.ndarray):
             flat[str(module)] = params
+            _check_dtype(params.dtype, f'{source}: {module}')
             continue
         if not isinstance(params, Mapping):
             raise CheckpointError(f'{source}: entry {module!r} is a {type(params).__name__}, not a mapping or array')
         for name, value in params.items():
             if not isinstance(value, np.ndarray):
                 raise CheckpointError(f'{source}: {module}/{name} is a {type(value).__name__}, not a numpy array')
+            _check_dtype(value.dtype, f'{source}: {module}/{name}')
             flat[f'{module}/{name}'] = value
     return flat
 
@@ -158,36 +187,70 @@ def read_deepmind_pickle(data: Union[bytes, PathLike], source: str = '') -> Dict
     return _flatten_tree(tree, source)
 
 
+_TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'  # torch.save's pre-zip header
+
+
+def sniff_checkpoint_format(path: PathLike) -> str:
+    """What a weights file is, judged by its bytes (never by its name):
+    'safetensors', 'pickle' (DeepMind's dill pickles), 'torch' (``torch.save``, zip or legacy),
+    'npz' (a numpy zip archive) or 'unknown'.
+
+    safetensors is tested first and fully: its first 8 bytes are the header length (little-endian)
+    and its header is JSON, so a length whose low byte is 0x80 must not pass for a pickle.
+    """
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b'{' and 2 <= int.from_bytes(head[:8], 'little') <= size - 8:
+        return 'safetensors'
+    if head.startswith(_TORCH_LEGACY_MAGIC):
+        return 'torch'
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode, protocol 2-5
+        return 'pickle'
+    if head[:2] == b'PK':
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return 'npz'  # let the npz reader name the damage
+        # torch's zip format keeps its pickle at '<archive>/data.pkl'; npz members are '.npy' files
+        return 'torch' if any(n.endswith('/data.pkl') or n == 'data.pkl' for n in names) else 'npz'
+    return 'unknown'
+
+
 def load_checkpoint_file(path: PathLike) -> Dict[str, Union[np.ndarray, torch.Tensor]]:
     """Load weights from a file of any supported kind, judged by its content, never by ``pickle``.
 
     - safetensors (any layout);
     - DeepMind's dill pickles (``F0_haiku.npz`` and friends) through the restricted unpickler;
     - real ``.npz`` archives (``allow_pickle=False``);
-    - PyTorch ``.pth``/``.bin`` files with ``torch.load(weights_only=True)``.
+    - PyTorch ``torch.save`` files (zip or legacy) with ``torch.load(weights_only=True)``.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
-    with open(path, 'rb') as f:
-        head = f.read(8)
-    if len(head) < 2:
+    if os.path.getsize(path) < 2:
         raise CheckpointError(f'{path}: empty or truncated checkpoint')
-    if head[:1] == b'\x80':  # pickle protocol >= 2
+    kind = sniff_checkpoint_format(path)
+    if kind == 'pickle':
         return read_deepmind_pickle(path)
-    if head[:2] == b'PK':
-        if path.endswith(('.pth', '.pt', '.bin', '.ckpt')):
-            return _load_torch_weights(path)
+    if kind == 'torch':
+        return _load_torch_weights(path)
+    if kind == 'npz':
         try:
             with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
+                arrays = {k: npz[k] for k in npz.files}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise CheckpointError(f'{path}: truncated or corrupt npz archive ({e})') from None
+        for name, array in arrays.items():
+            _check_dtype(array.dtype, f'{path}: {name}')
+        return arrays
     try:
         from safetensors.torch import load_file
         return load_file(path)
     except Exception as e:
-        raise CheckpointError(f'{path}: not a readable safetensors/pickle/npz checkpoint ({e})') from None
+        what = 'safetensors file' if kind == 'safetensors' else 'safetensors/pickle/npz/torch checkpoint'
+        raise CheckpointError(f'{path}: not a readable {what} ({e})') from None
 
 
 def _load_torch_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -240,6 +303,8 @@ def _native_to_deepmind_name(name: str, blocks: Dict[Tuple[int, int], int], root
         k = blocks[(int(m[1]), int(m[2]))]
         block = f'{root}/~/nf_block{"_" + str(k) if k else ""}'
         sub = m[3]
+        if sub is None:
+            raise CheckpointError(f'no DeepMind counterpart for parameter {name}: is this a model of this package?')
         if sub.startswith('se.fc'):
             linear = 'linear' if sub == 'se.fc1' else 'linear_1'
             dm_param = 'w' if param == 'weight' else 'b'

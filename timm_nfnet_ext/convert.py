@@ -38,7 +38,7 @@ def build_model_from_state(
         state: Mapping[str, Any], model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
     """Create ``model_name`` (with ``model_kwargs``), load ``state`` (any layout) strictly; eval mode."""
-    if not timm.is_model(model_name):
+    if model_name not in list_nfnets():  # timm's own dm_nfnet_* are a different layout: not a target
         raise ValueError(f'unknown model {model_name!r}; NFNets of this package: {", ".join(list_nfnets())}')
     model = timm.create_model(model_name, pretrained=False, **dict(model_kwargs or {}))
     model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
@@ -105,14 +105,34 @@ def save_model_folder(
     return out_dir
 
 
+OUTPUT_FILES = ('model.safetensors', 'config.json')
+
+
 def convert(
         src: PathLike, out_dir: PathLike, model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None,
+        overwrite: bool = False,
 ) -> Path:
-    """Read ``src`` (any supported layout), load it into ``model_name``, and write the folder."""
-    state = load_checkpoint_file(src)
-    model = build_model_from_state(state, model_name, model_kwargs)
-    meta = {'source': os.path.basename(os.fspath(src)), 'source_layout': detect_layout(state)}
-    return save_model_folder(model, out_dir, meta)
+    """Read ``src`` (any supported layout), load it into ``model_name``, and write the folder.
+
+    An output folder that already holds ``model.safetensors`` or ``config.json`` is refused unless
+    ``overwrite``; a folder this call created is removed again if the conversion fails.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f'output {out_dir} exists and is not a folder')
+    existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f'{out_dir} already holds {", ".join(existing)}: pass --overwrite to replace it')
+    created = not out_dir.exists()
+    try:
+        state = load_checkpoint_file(src)
+        model = build_model_from_state(state, model_name, model_kwargs)
+        meta = {'source': os.path.basename(os.fspath(src)), 'source_layout': detect_layout(state)}
+        return save_model_folder(model, out_dir, meta)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def _parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -124,6 +144,7 @@ def _parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument('-o', '--output', required=True, help='output folder')
     p.add_argument('--model', required=True, help='timm model name, e.g. nfnet_f0')
     p.add_argument('--model-kwargs', default='{}', help='JSON object of create_model keywords (widths, depths, ...)')
+    p.add_argument('--overwrite', action='store_true', help='replace model.safetensors/config.json already in -o')
     return p.parse_args(argv)
 
 
@@ -131,14 +152,15 @@ def main(argv: Optional[list] = None) -> int:
     args = _parse_args(argv)
     try:
         kwargs = json.loads(args.model_kwargs)
-        if not isinstance(kwargs, dict):
-            raise ValueError('--model-kwargs must be a JSON object')
     except json.JSONDecodeError as e:
         print(f'timm-nfnet-convert: --model-kwargs is not valid JSON: {e}', file=sys.stderr)
         return 2
+    if not isinstance(kwargs, dict):
+        print(f'timm-nfnet-convert: --model-kwargs must be a JSON object, got {args.model_kwargs}', file=sys.stderr)
+        return 2
     try:
-        out = convert(args.src, args.output, args.model, kwargs)
-    except (CheckpointError, ValueError, TypeError, FileNotFoundError, PermissionError) as e:
+        out = convert(args.src, args.output, args.model, kwargs, overwrite=args.overwrite)
+    except (CheckpointError, ValueError, TypeError, OSError) as e:
         print(f'timm-nfnet-convert: error: {e}', file=sys.stderr)
         return 1
     print(f'wrote {out / "model.safetensors"} and {out / "config.json"}')

@@ -435,15 +435,43 @@ MODEL_CFGS['nf_seresnext101d'] = NfNetCfg(depths=(3, 4, 23, 3), widths=_RESNEXT_
 
 
 def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
-    return build_model_with_cfg(
-        NFNet,
-        variant,
-        pretrained,
-        model_cfg=MODEL_CFGS[variant],
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            NFNet,
+            variant,
+            pretrained,
+            model_cfg=MODEL_CFGS[variant],
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(flatten_sequential=True),
+            **kwargs,
+        )
+    except Exception as e:
+        if pretrained and hasattr(e, 'add_note') and _is_hub_miss(e):
+            e.add_note(_hub_miss_note(variant, kwargs))
+        raise
+
+
+def _is_hub_miss(e: Exception) -> bool:
+    try:
+        from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        return False
+    return isinstance(e, (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError))
+
+
+def _hub_miss_note(variant: str, kwargs: Dict[str, Any]) -> str:
+    """What a failed weight download was after: huggingface_hub's own message names neither
+    the repo nor the offline setting."""
+    from timm.models._builder import resolve_pretrained_cfg
+    try:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        where = f'{cfg.hf_hub_id}/{cfg.hf_hub_filename or "model.safetensors"}'
+    except Exception:  # the note must never hide the original error
+        where = 'its Hub repo'
+    note = f'timm_nfnet_ext: pretrained weights of {variant}: could not fetch {where}.'
+    if os.environ.get('HF_HUB_OFFLINE', '').strip().upper() in ('1', 'ON', 'YES', 'TRUE'):
+        note += ' HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache.'
+    return note
 
 
 # --- pretrained configs ------------------------------------------------------------------------
@@ -487,7 +515,9 @@ def hub_repo_id(arch: str, tag: str = 'dm_in1k') -> str:
 
 
 def _weights_cfg(i: int) -> Dict[str, Any]:
-    return _cfg(*F_RESOLUTIONS[i], hf_hub_id=hub_repo_id(f'nfnet_f{i}'))
+    # named explicitly, so timm loads model.safetensors and never falls back to a pickled
+    # pytorch_model.bin (and an offline miss names the file that is missing)
+    return _cfg(*F_RESOLUTIONS[i], hf_hub_id=hub_repo_id(f'nfnet_f{i}'), hf_hub_filename='model.safetensors')
 
 
 default_cfgs = generate_default_cfgs({
