@@ -468,6 +468,31 @@ def test_agc_param_groups_timm_nfnet_layout_and_wrappers():
     assert all(p.ndim > 1 for p in groups[0]['params'])
 
 
+def test_agc_param_groups_see_through_torch_compile_and_find_two_heads():
+    """Compiled models' names carry ``_orig_mod.``: no_weight_decay() patterns must still match;
+    distilled models return two classifiers (a tuple), repvit a head module holding its linears."""
+    vit = timm.create_model('vit_tiny_patch16_224', num_classes=5)
+    plain, compiled = agc_param_groups(vit), agc_param_groups(torch.compile(vit))
+    assert [[id(p) for p in g['params']] for g in plain] == [[id(p) for p in g['params']] for g in compiled]
+    no_decay = {id(p) for p in plain[1]['params']}
+    assert id(vit.cls_token) in no_decay and id(vit.pos_embed) in no_decay  # from vit.no_weight_decay()
+    deit = timm.create_model('deit_tiny_distilled_patch16_224', num_classes=5)
+    heads = {id(p) for p in agc_param_groups(deit)[-1]['params']}
+    assert heads == {id(deit.head.weight), id(deit.head_dist.weight)}
+    with pytest.raises(ValueError, match=r'num_classes=0\?'):
+        agc_param_groups(timm.create_model('vit_tiny_patch16_224', num_classes=0))
+
+
+def test_loading_a_state_dict_with_a_bad_clipping_is_refused_and_changes_nothing():
+    p = nn.Parameter(torch.ones(3))
+    opt = SGDAGC([p], lr=1.0, clipping=0.02)
+    state = opt.state_dict()
+    state['param_groups'][0]['clipping'] = -5.0  # would flip and amplify the gradient
+    with pytest.raises(ValueError, match='clipping must be a finite number > 0, got -5.0'):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]['clipping'] == 0.02 and opt.param_groups[0]['params'][0] is p
+
+
 def test_registered_names_and_lookahead():
     assert set(agc.AGC_OPTIMIZER_NAMES) <= set(list_optimizers())
     model = TinyNet()

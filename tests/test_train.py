@@ -71,6 +71,11 @@ def test_no_arguments_run_the_quickstart_and_flags_beat_the_recipe():
     assert sources['epochs'] == 'cli' and sources['lr'] == 'recipe quickstart' and sources['seed'] == 'default'
     args, _, _ = resolve_settings(['--quickstart', '/some/folder'])
     assert (args.data_dir, args.dataset) == ('/some/folder', '')  # a folder given replaces the digits
+    # on/off settings of a recipe can be switched off from the command line
+    args, sources, _ = resolve_settings(['--quickstart', '--no-export', '--no-sched-on-updates'])
+    assert args.export is None and args.sched_on_updates is False and sources['export'] == 'cli'
+    args, _, _ = resolve_settings(['--recipe', 'paper', '--no-model-ema', '--no-amp', '--no-warmup-prefix'])
+    assert (args.model_ema, args.amp, args.warmup_prefix) == (False, False, False)
 
 
 @pytest.mark.parametrize('model,px,drop,level', [('nfnet_f0', 192, 0.2, 5), ('nfnet_f3', 320, 0.4, 15),
@@ -276,6 +281,8 @@ def test_bad_data_model_optimizer_and_output_are_refused_before_training(digits_
         (['--data-dir', digits_dir, '--agc', '-1'], '--agc must be'),
         (['--data-dir', digits_dir, '-b', '7', '--cutmix-minmax', '0.2', '0.8'], 'need an even --batch-size, got 7'),
         (['--data-dir', digits_dir, '--seed', '-1'], '--seed must be in [0, 2**31), got -1'),
+        (['--data-dir', digits_dir, '--num-classes', '3'], '--num-classes 3 is fewer than the 10 classes'),
+        (['--data-dir', digits_dir, '--opt', 'fusedsgd'], "cannot create optimizer 'fusedsgd'"),
     ]
     for extra, message in cases:
         out_dir = tmp_path / 'out'
@@ -285,6 +292,7 @@ def test_bad_data_model_optimizer_and_output_are_refused_before_training(digits_
         err = _error(argv)
         assert message in err, (extra, err)
         assert not list(tmp_path.rglob('*.pth.tar')), 'a checkpoint was written'
+        assert not out_dir.exists(), f'{extra}: a failed start left its run folder behind'
 
 
 def test_corrupt_foreign_and_mismatched_checkpoints_are_refused_untouched(finished_run, digits_dir, tmp_path):
@@ -412,3 +420,55 @@ def test_plateau_follows_the_metric_actually_tracked(has_val, mode):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     sched, _ = _scheduler(opt, args, 10, has_val=has_val)
     assert sched.lr_scheduler.mode == mode
+
+
+def _summary(run_dir: Path) -> list:
+    with open(run_dir / 'summary.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_plateau_without_warmup_starts_at_the_learning_rate(digits_dir, tmp_path):
+    """A fresh run must not step the scheduler at epoch 0: timm's plateau scheduler would set
+    --warmup-lr for good when there is no warmup."""
+    out_dir = tmp_path / 'plateau'
+    code, out, err = run_main(['--data-dir', digits_dir, *TINY, '-b', '20', '--epochs', '1', '--sched', 'plateau',
+                               '--warmup-epochs', '0', '--lr', '0.05', '--output', out_dir])
+    assert code == 0, err
+    assert float(_summary(out_dir)[0]['lr']) == pytest.approx(0.05)
+
+
+def test_resume_at_an_epoch_boundary_with_another_batch_keeps_the_schedule(digits_dir, tmp_path):
+    """The update count restarts from epoch x steps per epoch (of this run): a per-update cosine
+    still ends at 0 when the global batch changed between epochs."""
+    base = ['--data-dir', digits_dir, *TINY, '--epochs', '2', '--sched-on-updates', '--warmup-epochs', '0',
+            '--lr', '0.05', '--agc', '0.02']
+    code, out, err = run_main([*base, '-b', '20', '--output', tmp_path / 'first'])
+    assert code == 0, err
+    code, out, err = run_main([*base, '-b', '10', '--output', tmp_path / 'second',
+                               '--resume', tmp_path / 'first' / 'checkpoint-0.pth.tar'])
+    assert code == 0, err
+    assert 'the schedule continues from update 20 (the checkpoint counted 10)' in out
+    assert 'steps_per_epoch 10 -> 20' in out  # the schedule changed: rebuilt, and said so
+    rows = _summary(tmp_path / 'second')
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert float(rows[-1]['lr']) == pytest.approx(0.0, abs=1e-12)  # the cosine ended
+    assert float(rows[0]['lr']) == pytest.approx(0.025, rel=1e-6)  # the first run's mid-point
+
+
+def test_validation_split_is_labelled_with_the_training_classes(digits_dir, tmp_path):
+    """An ImageFolder numbers each split's classes on its own: a validation folder without one
+    class is relabelled with the training split's indices; a class training lacks is refused."""
+    from timm_nfnet_ext.train_data import build_datasets
+    from timm_nfnet_ext.train_recipe import TrainError
+    root = tmp_path / 'data'
+    shutil.copytree(digits_dir, root)
+    shutil.rmtree(root / 'validation' / 'class_3')
+    args, _, _ = resolve_settings(['--data-dir', str(root), *TINY])
+    data = build_datasets(args, {})
+    train_map = data.train.reader.class_to_idx
+    assert data.val.reader.class_to_idx == train_map
+    labels = {data.val.reader.samples[i][1] for i in range(len(data.val))}
+    assert train_map['class_3'] not in labels and train_map['class_9'] in labels and train_map['class_9'] == 9
+    shutil.copytree(root / 'validation' / 'class_4', root / 'validation' / 'class_x')
+    with pytest.raises(TrainError, match="'validation' split has classes the 'train' split lacks: class_x"):
+        build_datasets(args, {})

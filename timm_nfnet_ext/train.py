@@ -148,7 +148,13 @@ def _restore(run: Run) -> Dict[str, Any]:
     data = run.resume
     if data is None:
         return state
-    state.update(epoch=data['epoch'], step=data['step'], global_step=data['global_step'],
+    # the update count follows this run's steps per epoch: a global batch (or --grad-accum-steps)
+    # changed at an epoch boundary changes it, and the schedule must still end at --epochs
+    global_step = data['epoch'] * run.steps_per_epoch + data['step']
+    if global_step != data['global_step'] and run.dist.primary:
+        print(f'note: {run.steps_per_epoch} steps per epoch now: the schedule continues from update '
+              f'{global_step} (the checkpoint counted {data["global_step"]})')
+    state.update(epoch=data['epoch'], step=data['step'], global_step=global_step,
                  history=list(data['history']), best=dict(data.get('best') or {}))
     same_world = len(data['rng']) == run.dist.world_size
     if same_world:
@@ -302,9 +308,12 @@ def train(run: Run) -> Dict[str, Any]:
     if resumed:
         log(f'resuming {run.resume_path} at epoch {state["epoch"]} step {state["step"]} '
             f'(global step {state["global_step"]})')
-    if run.scheduler is not None:
-        run.scheduler.step(state['epoch'])
-        if run.args.sched_on_updates:
+    if run.scheduler is not None and resumed:
+        # a fresh scheduler already holds its first lr; stepping it at epoch 0 would put a plateau
+        # schedule without warmup at --warmup-lr for good (timm's train.py steps only on resume too)
+        if state['epoch'] > 0:
+            run.scheduler.step(state['epoch'])
+        if run.args.sched_on_updates and state['global_step'] > 0:
             run.scheduler.step_update(state['global_step'])
     while state['epoch'] < run.num_epochs:
         t0 = time.time()

@@ -221,13 +221,14 @@ def _split_folder(root: str, split: str) -> Optional[str]:
     return None
 
 
-def _make(args: Any, name: str, split: str, is_training: bool, image_size: int) -> Dataset:
+def _make(args: Any, name: str, split: str, is_training: bool, image_size: int,
+          class_map: Any = None) -> Dataset:
     if name == DIGITS:
         return DigitsDataset(split, image_size=image_size)
     from timm.data import create_dataset
     try:
         ds = create_dataset(name, root=args.data_dir, split=split, is_training=is_training,
-                            class_map=args.class_map, download=args.dataset_download,
+                            class_map=class_map or args.class_map, download=args.dataset_download,
                             batch_size=args.batch_size, seed=args.seed)
     except (RuntimeError, FileNotFoundError, AssertionError, ValueError) as e:
         raise TrainError(f'cannot open the {split!r} split of {name or "ImageFolder"} at '
@@ -250,6 +251,33 @@ def num_classes_of(dataset: Dataset) -> Optional[int]:
     return None
 
 
+def _class_to_idx(dataset: Dataset) -> Optional[Dict[str, int]]:
+    for obj in (dataset, getattr(dataset, 'reader', None)):
+        mapping = getattr(obj, 'class_to_idx', None)
+        if isinstance(mapping, dict) and mapping:
+            return mapping
+    return None
+
+
+def _with_train_labels(args: Any, name: str, train: Dataset, val: Dataset, size: int) -> Dataset:
+    """The validation split labelled with the training split's class indices.
+
+    An ImageFolder numbers the classes it finds in each split on its own, so a validation folder
+    missing one class would shift every later label and the accuracy would be silently wrong
+    (timm's train.py has this too). A subset of the training classes is relabelled; a class the
+    training split lacks is refused.
+    """
+    train_map, val_map = _class_to_idx(train), _class_to_idx(val)
+    if train_map is None or val_map is None or train_map == val_map:
+        return val
+    extra = sorted(set(val_map) - set(train_map))
+    if extra:
+        more = f' and {len(extra) - 10} more' if len(extra) > 10 else ''
+        raise TrainError(f'the {args.val_split!r} split has classes the {args.train_split!r} split lacks: '
+                         f'{", ".join(extra[:10])}{more}')
+    return _make(args, name, args.val_split, False, size, class_map=dict(train_map))
+
+
 def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
     """The train / validation datasets with timm's transforms for a model's ``pretrained_cfg``."""
     from timm.data import create_transform, resolve_data_config
@@ -261,6 +289,8 @@ def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
     size = cfg['input_size'][-1]
     train = _make(args, name, args.train_split, True, size)
     val = _make(args, name, args.val_split, False, size) if args.val_split else None
+    if val is not None:
+        val = _with_train_labels(args, name, train, val, size)
     train.transform = create_transform(
         cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
         ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,

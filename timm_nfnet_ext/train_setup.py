@@ -131,13 +131,15 @@ def build_optimizer(model: nn.Module, args: Any, name: str, clipping: Optional[f
         return create_optimizer_v2(
             model, opt=name, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
             param_group_fn=agc_param_groups if clipping is not None else None, **extra)
-    except (TypeError, ValueError) as e:
-        raise TrainError(f'cannot create optimizer {name!r} with {extra}: {e}') from e
+    except (TypeError, ValueError, AssertionError, ImportError, RuntimeError) as e:
+        # timm asserts on optimizers this device or install lacks (fused*/bnb*: CUDA, bitsandbytes)
+        raise TrainError(f'cannot create optimizer {name!r} with {extra}: {type(e).__name__}: {e}') from e
 
 
 # --- output folder ---------------------------------------------------------------------------
-def resolve_run_dir(args: Any, info: DistInfo) -> Path:
-    """The folder of checkpoints and logs (created; must be writable); rank 0 names it."""
+def resolve_run_dir(args: Any, info: DistInfo) -> Tuple[Path, List[Path]]:
+    """The folder of checkpoints and logs (created; must be writable; rank 0 names it), and the
+    folders this call created, deepest first."""
     if args.output:
         run_dir = Path(args.output)
     elif args.resume and args.resume != 'auto':
@@ -151,13 +153,14 @@ def resolve_run_dir(args: Any, info: DistInfo) -> Path:
         run_dir = Path('output') / 'train' / f'{stamp[0]}-{args.model}'
     if args.experiment:
         run_dir = run_dir / args.experiment
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix='.probe-'):
             pass
     except OSError as e:
         raise TrainError(f'output folder {str(run_dir)!r} cannot be created or written: {e}') from None
-    return run_dir
+    return run_dir, created
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, args: Any, steps_per_epoch: int
 
 
 _SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'min_lr', 'warmup_lr', 'epochs', 'warmup_epochs',
-                  'warmup_prefix', 'cooldown_epochs', 'decay_epochs', 'decay_rate')
+                  'warmup_prefix', 'cooldown_epochs', 'decay_epochs', 'decay_milestones', 'decay_rate')
 
 
 def _loss(args: Any, mixup_on: bool) -> nn.Module:
@@ -297,11 +300,23 @@ def _load_states(run: Run, data: Mapping[str, Any], path: Path) -> None:
         run.optimizer.load_state_dict(data['optimizer'])
         if run.scheduler is not None and data.get('schedule') == run.schedule:
             run.scheduler.load_state_dict(dict(data['scheduler']))
+        elif run.scheduler is not None:
+            run.notes.append(_schedule_change_note(data.get('schedule') or {}, run.schedule))
         if data.get('scaler'):
             run.scaler.load_state_dict(data['scaler'])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise TrainError(f'checkpoint {str(path)!r} does not fit this model/optimizer: {first}') from None
+
+
+def _schedule_change_note(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    changed = [f'{k} {before.get(k)!r} -> {v!r}' for k, v in now.items() if _as_list(before.get(k)) != _as_list(v)]
+    return ('the schedule changed since the checkpoint (' + ', '.join(changed) + '): a new schedule is '
+            'built and continued from the checkpoint\'s position (a plateau schedule restarts its patience)')
+
+
+def _as_list(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def prepare(args: Any, dist_info: DistInfo) -> Run:
@@ -319,7 +334,21 @@ def prepare(args: Any, dist_info: DistInfo) -> Run:
                          'nf_seresnextd_f0..f3, nf_seresnext50d, nf_seresnext101d (or any timm.list_models() name)')
     opt_name, clipping, opt_kwargs = resolve_optimizer(args)
     _check_numbers(args, dist_info)
-    run_dir = resolve_run_dir(args, dist_info)
+    run_dir, created = resolve_run_dir(args, dist_info)
+    try:
+        return _build_run(args, dist_info, run_dir, opt_name, clipping, opt_kwargs)
+    except BaseException:
+        for folder in created:  # a start that fails leaves no empty run folder behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another rank, or files of its own): left alone
+                break
+        raise
+
+
+def _build_run(args: Any, dist_info: DistInfo, run_dir: Path, opt_name: str, clipping: Optional[float],
+               opt_kwargs: Dict[str, Any]) -> Run:
+    """Datasets, model, optimizer, schedule, loaders and the resumed states, in ``run_dir``."""
     resume_path, resume = _resume_source(args, run_dir)
     notes = [f'--resume auto: no checkpoint in {run_dir}, starting a new run'] if args.resume == 'auto' and not resume else []
 
@@ -328,6 +357,9 @@ def prepare(args: Any, dist_info: DistInfo) -> Run:
     num_classes = args.num_classes or num_classes_of(data.train)
     if not num_classes:
         raise TrainError('cannot tell the number of classes of this dataset; pass --num-classes')
+    data_classes = num_classes_of(data.train)
+    if data_classes and num_classes < data_classes:
+        raise TrainError(f'--num-classes {num_classes} is fewer than the {data_classes} classes of the dataset')
     model, arch = _create_model(args, num_classes)
     device = dist_info.device
     model.to(device)

@@ -14,29 +14,43 @@ _NO_DECAY_LEAF_NAMES = frozenset({'gain', 'skip_gain', 'skipinit_gain'})
 # --------------------------------------------------------------------------- param groups
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """Reach the model inside DDP / DataParallel / torch.compile wrappers."""
-    while not hasattr(model, 'get_classifier'):
-        inner = getattr(model, 'module', None) or getattr(model, '_orig_mod', None)
+    """Reach the model inside torch.compile / DDP / DataParallel wrappers, so parameter names
+    carry no ``_orig_mod.`` / ``module.`` prefix (``no_weight_decay()`` patterns must match)."""
+    while True:
+        inner = getattr(model, '_orig_mod', None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module) and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module) and not hasattr(model, 'get_classifier'):
+            inner = getattr(model, 'module', None)  # other wrappers that hold the model as .module
         if not isinstance(inner, nn.Module):
-            break
+            return model
         model = inner
-    return model
 
 
-def _classifier_weight(model: nn.Module) -> Tensor:
+def _classifier_weights(model: nn.Module) -> List[Tensor]:
+    """The final linear weights: ``get_classifier()``'s weight; for models with two heads
+    (distilled DeiT/LeViT return a tuple) or a head module holding its linears, each one's."""
     if not hasattr(model, 'get_classifier'):
         raise ValueError(
             f'agc_param_groups needs a model with get_classifier() to leave the classifier '
             f'weight unclipped; {type(model).__name__} has none. Pass a list of parameters to '
             f'clip everything, or build the groups yourself.')
     head = model.get_classifier()
-    weight = getattr(head, 'weight', None)
-    if not isinstance(weight, Tensor):
+    heads = list(head) if isinstance(head, (tuple, list)) else [head]
+    weights: List[Tensor] = []
+    for h in heads:
+        weight = getattr(h, 'weight', None)
+        if isinstance(weight, Tensor):
+            weights.append(weight)
+        elif isinstance(h, nn.Module):
+            weights += [m.weight for m in h.modules() if isinstance(m, nn.Linear)]
+    if not weights:
+        hint = ' (a model built with num_classes=0?)' if all(isinstance(h, nn.Identity) for h in heads) else ''
         raise ValueError(
             f'agc_param_groups: get_classifier() of {type(model).__name__} returned '
-            f'{type(head).__name__}, which has no weight (a model built with num_classes=0?). '
+            f'{type(head).__name__}, which holds no linear weight{hint}. '
             f'The paper grouping needs a classifier; pass a list of parameters to clip all.')
-    return weight
+    return weights
 
 
 def _no_decay(name: str, p: Tensor, patterns: Iterable[str]) -> bool:
@@ -53,8 +67,8 @@ def agc_param_groups(
 ) -> List[Dict[str, Any]]:
     """The paper's parameter groups for an AGC optimizer.
 
-    * the classifier weight (``model.get_classifier().weight``): weight decay, **not
-      clipped** (``clipping=None``);
+    * the classifier weight (``model.get_classifier().weight``; each head's for models with
+      two): weight decay, **not clipped** (``clipping=None``);
     * gains, biases, skip gains -- tensors with ``ndim <= 1``, names ending ``.bias``,
       ``.gain``, ``.skip_gain``, ``.skipinit_gain``, and ``model.no_weight_decay()`` /
       ``no_weight_decay_list`` (fnmatch patterns): clipped, weight decay 0;
@@ -71,7 +85,7 @@ def agc_param_groups(
             ``weight_decay`` < 0, or ``clipping`` <= 0.
     """
     model = _unwrap(model)
-    head_weight = _classifier_weight(model)
+    head_weights = {id(w) for w in _classifier_weights(model)}
     if weight_decay is not None and not weight_decay >= 0:
         raise ValueError(f'weight_decay must be >= 0, got {weight_decay!r}')
     clipping = _check_clipping(clipping)
@@ -80,7 +94,7 @@ def agc_param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p is head_weight:
+        if id(p) in head_weights:
             head.append(p)
         else:
             (no_decay if _no_decay(name, p, patterns) else decay).append(p)

@@ -82,17 +82,22 @@ class AGCMixin:
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        # load_state_dict and unpickling both land here: the groups are checked before any is taken
+        # (a negative clipping would flip and amplify gradients)
+        agc_defaults = state.get('_agc_defaults') or self.__dict__.get('_agc_defaults')
+        if agc_defaults is None:  # pickled by an older version
+            defaults = state.get('defaults') or self.__dict__.get('defaults') or {}
+            agc_defaults = {'clipping': defaults.get('clipping', 0.01), 'agc_eps': defaults.get('agc_eps', 1e-3)}
+        for group in state.get('param_groups', []):  # state dicts saved without AGC get the defaults
+            group.setdefault('clipping', agc_defaults['clipping'])
+            group.setdefault('agc_eps', agc_defaults['agc_eps'])
+            _validate_group(group)
         super().__setstate__(state)
         self.__dict__.setdefault('nonfinite', 'raise')  # pickled by an older version
         self.__dict__.setdefault('skipped_steps', 0)
-        if '_agc_defaults' not in self.__dict__:
-            self._agc_defaults = {'clipping': self.defaults.get('clipping', 0.01),
-                                  'agc_eps': self.defaults.get('agc_eps', 1e-3)}
+        self._agc_defaults = agc_defaults
         self._clip_counts = ClipCounts()
         self._step_supports_amp_scaling = False
-        for group in self.param_groups:  # state dicts saved without AGC
-            group.setdefault('clipping', self._agc_defaults['clipping'])
-            group.setdefault('agc_eps', self._agc_defaults['agc_eps'])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
