@@ -85,7 +85,8 @@ def release_pretrained_cfg(model: torch.nn.Module, release: Release) -> dict:
     train, test = release.train_size, release.test_size
     cfg = dict(model.pretrained_cfg)
     cfg.update(input_size=(3, train, train), test_input_size=(3, test, test),
-               pool_size=(-(-train // 32), -(-train // 32)), crop_pct=test / (test + 32),
+               pool_size=(-(-train // 32), -(-train // 32)), crop_pct=train / (train + 32),
+               test_crop_pct=test / (test + 32),
                num_classes=model.num_classes, license=release.license)
     return cfg
 

@@ -141,7 +141,7 @@ def render_card(
 
 Train at {release.train_size} px, evaluate at {s} px: bicubic resize of the whole image
 (aspect not kept, "squash") to {s + 32} x {s + 32}, centre crop {s} x {s}, then ImageNet
-mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). In timm terms `crop_pct={s}/{s + 32}`,
+mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). In timm terms `test_crop_pct={s}/{s + 32}`,
 `crop_mode='squash'`, `interpolation='bicubic'`; `config.json` carries these.
 
 ## Usage

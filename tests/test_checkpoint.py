@@ -327,3 +327,25 @@ def test_converted_files_are_byte_reproducible(tmp_path):
         assert res.returncode == 0, res.stderr
         digests.add(hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize('in_chans', [1, 6])
+def test_adapted_input_channels_keep_the_pretrained_response(tmp_path, in_chans):
+    """timm adapts the first conv to another in_chans after the filter (sum for 1, repeat x 3/C
+    for C); weight standardisation would undo that scaling without the gain correction."""
+    torch.manual_seed(0)
+    rgb = tiny_model().eval()
+    with torch.no_grad():  # colour-correlated kernels, as trained RGB stems have
+        w = rgb.stem.conv0.weight
+        w.copy_(w[:, :1] + 0.3 * torch.randn_like(w))
+    save_file(rgb.state_dict(), str(tmp_path / 'rgb.safetensors'))
+    kwargs = dict(widths=(64, 128, 192, 192), depths=(1, 2, 2, 1), group_width=32, num_classes=10)
+    adapted = timm.create_model('nfnet_f0', pretrained=True, in_chans=in_chans, **kwargs,
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / 'rgb.safetensors'), num_classes=10)).eval()
+    g = torch.randn(2, 1, 64, 64)
+    x_rgb = g.expand(2, 3, 64, 64) if in_chans == 1 else torch.randn(2, 3, 64, 64)
+    x_adapted = g if in_chans == 1 else x_rgb.repeat(1, in_chans // 3, 1, 1)
+    with torch.no_grad():
+        want, got = rgb.stem.conv0(x_rgb), adapted.stem.conv0(x_adapted)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        assert torch.allclose(adapted(x_adapted), rgb(x_rgb), atol=1e-4)

@@ -165,7 +165,8 @@ def test_build_deepmind_checkpoint_with_reference(manifest, tmp_path, capsys):
     assert config['architecture'] == 'nfnet_f0' and config['model_args']['widths'] == [64, 128, 192, 192]
     cfg = config['pretrained_cfg']  # the release's sizes, not nfnet_f0's 192/256 defaults
     assert cfg['input_size'] == [3, 48, 48] and cfg['test_input_size'] == [3, 64, 64]
-    assert cfg['crop_pct'] == pytest.approx(64 / 96) and cfg['crop_mode'] == 'squash'
+    assert cfg['test_crop_pct'] == pytest.approx(64 / 96) and cfg['crop_pct'] == pytest.approx(48 / 80)
+    assert cfg['crop_mode'] == 'squash'
     model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     got, dm_logits = tiny_expected()
     with torch.no_grad():

@@ -453,4 +453,35 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Sta
     if getattr(model, 'num_classes', 1) == 0:
         out = {k: v for k, v in out.items() if not k.startswith(classifier + '.')}
     check_state_dict(out, model, skip_shape=skip)
+    _rescale_gain_for_input_adaptation(out, model, first_conv)
     return out
+
+
+def _rescale_gain_for_input_adaptation(state: StateDict, model: nn.Module, first_conv: str) -> None:
+    """Keep the first conv's response when timm adapts its weight to another ``in_chans``.
+
+    After this filter, timm's ``adapt_input_conv`` sums the RGB kernels (``in_chans=1``) or
+    repeats them scaled by 3/C: right for a plain conv, but weight standardisation divides the
+    adapted kernel by its own norm, which undoes that scaling (a grayscale model came out ~1/sqrt(3)
+    too weak on correlated kernels, a C-channel one sqrt(C/3) too strong). Standardisation is
+    ``gain * D / ||D||`` per output row (``D`` the centred kernel), so the adapted model computes
+    what adapting the *standardised* kernel would give when its gain is scaled by
+    ``||D_adapted|| / ||D||`` (norms floored at sqrt(eps) as the forward does).
+    """
+    weight, gain = state.get(f'{first_conv}.weight'), state.get(f'{first_conv}.gain')
+    try:
+        conv = model.get_submodule(first_conv)
+    except AttributeError:
+        return
+    in_chans = getattr(conv, 'in_channels', None)
+    if weight is None or gain is None or weight.ndim != 4 or in_chans in (None, weight.shape[1]):
+        return
+    from timm.models import adapt_input_conv
+    eps = float(getattr(conv, 'eps', 1e-4))
+
+    def row_norm(w: torch.Tensor) -> torch.Tensor:
+        d = w.double().reshape(w.shape[0], -1)
+        return (d - d.mean(1, keepdim=True)).pow(2).sum(1).clamp_min(eps).sqrt()
+
+    ratio = row_norm(adapt_input_conv(in_chans, weight)) / row_norm(weight)
+    state[f'{first_conv}.gain'] = (gain.double() * ratio.reshape(gain.shape)).to(gain.dtype)

@@ -15,6 +15,8 @@ Speed choices (each keeps the reference's numbers):
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import threading
 from typing import Callable, Dict, Optional, Tuple
@@ -22,7 +24,6 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers.padding import get_same_padding
 
 from .gelu import fast_cpu_gelu, gelu_tanh
 
@@ -51,16 +52,22 @@ GAMMAS: Dict[str, float] = {
     'tanh': 1.5939117670059204,
 }
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 # The same functions as JAX's defaults. JAX's `gelu` is the tanh approximation; its
-# log_softmax normalises over the channel axis (last in NHWC, dim 1 here).
+# log_softmax normalises over the channel axis (last in NHWC, dim 1 here). Module-level
+# functions and partials, not lambdas: a model holding them must pickle (torch.save(model),
+# multiprocessing).
 _ACT_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    'identity': lambda x: x,
+    'identity': _identity,
     'celu': F.celu,
     'elu': F.elu,
-    'gelu': lambda x: gelu_tanh(x),
+    'gelu': gelu_tanh,
     'leaky_relu': F.leaky_relu,
     'log_sigmoid': F.logsigmoid,
-    'log_softmax': lambda x: F.log_softmax(x, dim=1),
+    'log_softmax': functools.partial(F.log_softmax, dim=1),
     'relu': F.relu,
     'relu6': F.relu6,
     'selu': F.selu,
@@ -74,16 +81,16 @@ _ACT_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # (see Activation): a fresh multi-MB output per activation costs page faults comparable to the
 # activation itself on CPU.
 _INPLACE_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    'identity': lambda x: x,
-    'celu': lambda x: F.celu(x, inplace=True),
-    'elu': lambda x: F.elu(x, inplace=True),
-    'gelu': lambda x: gelu_tanh(x, inplace=True),
-    'leaky_relu': lambda x: F.leaky_relu(x, inplace=True),
+    'identity': _identity,
+    'celu': functools.partial(F.celu, inplace=True),
+    'elu': functools.partial(F.elu, inplace=True),
+    'gelu': functools.partial(gelu_tanh, inplace=True),
+    'leaky_relu': functools.partial(F.leaky_relu, inplace=True),
     'relu': torch.relu_,
-    'relu6': lambda x: F.relu6(x, inplace=True),
+    'relu6': functools.partial(F.relu6, inplace=True),
     'selu': torch.selu_,
     'sigmoid': torch.sigmoid_,
-    'silu': lambda x: F.silu(x, inplace=True),
+    'silu': functools.partial(F.silu, inplace=True),
     'tanh': torch.tanh_,
 }
 
@@ -129,8 +136,15 @@ class Activation(nn.Module):
 
 
 def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
-    """XLA 'SAME' padding of one spatial dim: ``(low, high)``, the odd pixel going high."""
-    total = get_same_padding(size, kernel, stride, 1)
+    """XLA 'SAME' padding of one spatial dim: ``(low, high)``, the odd pixel going high.
+
+    ``total = max((ceil(size / stride) - 1) * stride + kernel - size, 0)``, written with the
+    remainder alone: timm's ``get_same_padding`` goes through ``math.ceil(size / stride)``, whose
+    symbolic form under ``torch.compile``'s dynamic shapes grows with every strided conv, and a
+    recompile for a second input size then ran for over 20 minutes on F0.
+    """
+    r = size % stride
+    total = max(kernel - (stride if r == 0 else r), 0)
     return total // 2, total - total // 2
 
 

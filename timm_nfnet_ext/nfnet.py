@@ -89,6 +89,14 @@ class NfNetCfg:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) and len(v) != n:
                 raise ValueError(f'{name} has {len(v)} entries, depths has {n}')
+        if not all(isinstance(d, int) and d >= 1 for d in self.depths):
+            raise ValueError(f'depths must be integers >= 1, got {self.depths}')
+        if not all(s in (1, 2) for s in self.strides):
+            # the shortcut's 2x2 average pool and the 'SAME' stride-2 convs assume 1 or 2
+            raise ValueError(f'strides must each be 1 or 2, got {self.strides}')
+        if len(self.stem_widths) != 3:
+            raise ValueError(f'stem_widths needs 3 entries (conv0..conv2; conv3 has widths[0] // 2), '
+                             f'got {self.stem_widths}')
         get_act_fn(self.activation)  # validates the name
         if not 0.0 <= self.drop_rate < 1.0 or not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError('drop_rate and drop_path_rate must be in [0, 1)')
@@ -170,6 +178,18 @@ class NFBlock(nn.Module):
         return torch.addcmul(shortcut, out, scale[:, :, None, None])
 
 
+def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
+    """Raise a ``ValueError`` naming what is wrong with an NCHW input batch."""
+    if x.ndim != 4:
+        raise ValueError(f'expected an NCHW batch (4 dims), got shape {tuple(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(
+            f'input {x.shape[-2]}x{x.shape[-1]} is too small: this NFNet needs at least '
+            f'{min_size}x{min_size} (its total stride)')
+
+
 class NFNet(nn.Module):
     """Normalizer-Free Network (DeepMind's ``NFNet``) with timm's model interface.
 
@@ -181,7 +201,7 @@ class NFNet(nn.Module):
         **overrides: any ``NfNetCfg`` field (widths, depths, group_width, use_two_convs,
             activation, alpha, se_ratio, drop_rate, drop_path_rate, ...).
     """
-    min_input_size = 32  # the network's total stride: below it the deepest stages see only padding
+    min_input_size: int  # the network's total stride (32 for F0): below it the deepest stages see only padding
 
     def __init__(
             self,
@@ -248,6 +268,7 @@ class NFNet(nn.Module):
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f'stages.{stage_idx}'))
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
+        self.min_input_size = reduction
 
         self.num_features = self.head_hidden_size = int(cfg.final_conv_mult * in_chs)
         self.final_conv = WSConv2d(in_chs, self.num_features, 1)
@@ -330,14 +351,7 @@ class NFNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` naming what is wrong with an input batch."""
-        if x.ndim != 4:
-            raise ValueError(f'expected an NCHW batch (4 dims), got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(
-                f'input {x.shape[-2]}x{x.shape[-1]} is too small: NFNets need at least '
-                f'{self.min_input_size}x{self.min_input_size} (total stride 32)')
+        check_input(x, self.in_chans, self.min_input_size)
 
     def forward_intermediates(
             self,
@@ -390,6 +404,7 @@ class NFNet(nn.Module):
         if max_index == 0:
             self.stem = self.stem[:5]  # up to stem.conv2, the stride-2 tap
         self.stages = self.stages[:max_index]
+        self.min_input_size = self.feature_info[max_index]['reduction']
         if prune_head or prune_end:
             self.head.reset(0, '')
             self.num_classes = 0
@@ -434,9 +449,9 @@ MODEL_CFGS['nf_seresnext50d'] = NfNetCfg(depths=(3, 4, 6, 3), widths=_RESNEXT_WI
 MODEL_CFGS['nf_seresnext101d'] = NfNetCfg(depths=(3, 4, 23, 3), widths=_RESNEXT_WIDTHS, use_two_convs=False)
 
 
-def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
+def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     try:
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             NFNet,
             variant,
             pretrained,
@@ -449,6 +464,26 @@ def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNe
         if pretrained and hasattr(e, 'add_note') and _is_hub_miss(e):
             e.add_note(_hub_miss_note(variant, kwargs))
         raise
+    if not isinstance(model, NFNet):  # features_only: timm's wrapper calls our modules directly
+        _check_inputs_of(model, kwargs.get('in_chans', 3))
+    return model
+
+
+def _check_inputs_of(features: nn.Module, in_chans: int) -> None:
+    """The input check of ``forward_features`` for timm's feature wrappers (list/dict/hook),
+    as a forward pre-hook; the minimum size is the deepest returned feature's stride."""
+    features.register_forward_pre_hook(_InputCheck(in_chans, max(features.feature_info.reduction())))
+
+
+class _InputCheck:
+    """A forward pre-hook running ``check_input`` (a class, not a closure: models must pickle)."""
+
+    def __init__(self, in_chans: int, min_size: int):
+        self.in_chans, self.min_size = in_chans, min_size
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            check_input(args[0], self.in_chans, self.min_size)
 
 
 def _is_hub_miss(e: Exception) -> bool:
@@ -485,7 +520,10 @@ def _cfg(train_px: int = 224, test_px: int = 256, **kwargs: Any) -> Dict[str, An
         'input_size': (3, train_px, train_px),
         'test_input_size': (3, test_px, test_px),
         'pool_size': (-(-train_px // 32), -(-train_px // 32)),
-        'crop_pct': test_px / (test_px + 32),
+        # resize S+32, crop S at either size: the reference's rule at the test size, and the same
+        # rule at the train size (one crop_pct for both would resize to 216, not 224, at 192 px)
+        'crop_pct': train_px / (train_px + 32),
+        'test_crop_pct': test_px / (test_px + 32),
         'crop_mode': 'squash',
         'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN,
