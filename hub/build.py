@@ -84,8 +84,9 @@ def release_pretrained_cfg(model: torch.nn.Module, release: Release) -> dict:
     ``config.json`` must carry (a custom release's sizes differ from the architecture's defaults)."""
     train, test = release.train_size, release.test_size
     cfg = dict(model.pretrained_cfg)
-    cfg.update(input_size=(3, train, train), test_input_size=(3, test, test),
-               pool_size=(-(-train // 32), -(-train // 32)), crop_pct=train / (train + 32),
+    chans, stride = getattr(model, 'in_chans', 3), model.feature_info[-1]['reduction']
+    cfg.update(input_size=(chans, train, train), test_input_size=(chans, test, test),
+               pool_size=(-(-train // stride), -(-train // stride)), crop_pct=train / (train + 32),
                test_crop_pct=test / (test + 32),
                num_classes=model.num_classes, license=release.license)
     return cfg

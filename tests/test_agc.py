@@ -481,6 +481,10 @@ def test_agc_param_groups_see_through_torch_compile_and_find_two_heads():
     assert heads == {id(deit.head.weight), id(deit.head_dist.weight)}
     with pytest.raises(ValueError, match=r'num_classes=0\?'):
         agc_param_groups(timm.create_model('vit_tiny_patch16_224', num_classes=0))
+    repvit = timm.create_model('repvit_m1', num_classes=5)  # get_classifier(): a module holding two linears
+    heads = {id(p) for p in agc_param_groups(repvit)[-1]['params']}
+    linears = [m for m in repvit.get_classifier().modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 2 and heads == {id(m.weight) for m in linears}
 
 
 def test_loading_a_state_dict_with_a_bad_clipping_is_refused_and_changes_nothing():
@@ -491,6 +495,14 @@ def test_loading_a_state_dict_with_a_bad_clipping_is_refused_and_changes_nothing
     with pytest.raises(ValueError, match='clipping must be a finite number > 0, got -5.0'):
         opt.load_state_dict(state)
     assert opt.param_groups[0]['clipping'] == 0.02 and opt.param_groups[0]['params'][0] is p
+
+
+def test_loading_a_plain_state_dict_keeps_the_unclipped_classifier():
+    model = TinyNet()
+    opt = SGDAGC(agc_param_groups(model), lr=0.1, clipping=0.02)
+    plain = torch.optim.SGD(agc_param_groups(model), lr=0.1, momentum=0.9)  # same groups, no AGC keys
+    opt.load_state_dict(plain.state_dict())
+    assert [g['clipping'] for g in opt.param_groups] == [0.02, 0.02, None]
 
 
 def test_registered_names_and_lookahead():

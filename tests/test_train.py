@@ -395,6 +395,10 @@ def test_quickstart_reaches_90_percent_exports_and_reloads(tmp_path):
     model = timm.create_model(f'local-dir:{export}', pretrained=True)
     best_ckpt = load_ckpt(tmp_path / 'qs' / 'model_best.pth.tar')['model']
     assert_states_equal(model.state_dict(), best_ckpt, 'exported weights')
+    # evaluated as it was validated, at either size: resize to 32, no crop (crop_pct 1.0)
+    for use_test_size in (False, True):
+        cfg = timm.data.resolve_model_data_config(model, use_test_size=use_test_size)
+        assert cfg['input_size'] == (3, 32, 32) and cfg['crop_pct'] == 1.0, cfg
 
 
 def test_console_script_and_timm_train_py_plugin_pieces():
@@ -472,3 +476,12 @@ def test_validation_split_is_labelled_with_the_training_classes(digits_dir, tmp_
     shutil.copytree(root / 'validation' / 'class_4', root / 'validation' / 'class_x')
     with pytest.raises(TrainError, match="'validation' split has classes the 'train' split lacks: class_x"):
         build_datasets(args, {})
+
+
+def test_schedule_changes_ignore_keys_an_older_checkpoint_lacks():
+    from timm_nfnet_ext.train_setup import _schedule_changes
+    now = {'sched': 'cosine', 'epochs': 10, 'decay_milestones': [90, 180, 270], 'steps_per_epoch': 5}
+    old = {'sched': 'cosine', 'epochs': 10, 'steps_per_epoch': 5}  # saved before decay_milestones counted
+    assert _schedule_changes(old, now) == []
+    assert _schedule_changes(dict(old, decay_milestones=(90, 180, 270)), now) == []  # tuple vs list
+    assert _schedule_changes(dict(old, epochs=12), now) == ['epochs 12 -> 10']

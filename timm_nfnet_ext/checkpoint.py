@@ -109,6 +109,13 @@ def _safe_codecs_encode(text: Any, encoding: str = 'latin1') -> bytes:
     return text.encode('latin1')
 
 
+def _safe_empty_bytes(*args: Any) -> bytes:
+    """Protocol 2 spells an empty bytes object (a zero-size array's data) as ``bytes()``."""
+    if args:
+        raise UnsafeCheckpointError('refusing bytes(...) with arguments')
+    return b''
+
+
 def _flat_mapping(*args: Any) -> Dict[str, Any]:
     """Stand-in for haiku's ``FlatMapping``: pickled as ``FlatMapping(dict)``; rebuilt as a dict."""
     if len(args) != 1 or not isinstance(args[0], Mapping):
@@ -130,6 +137,8 @@ _ALLOWED_GLOBALS: Dict[Tuple[str, str], Callable[..., Any]] = {
     ('numpy._core.numeric', '_frombuffer'): _safe_frombuffer,
     ('dill._dill', '_create_array'): _safe_create_array,
     ('_codecs', 'encode'): _safe_codecs_encode,
+    ('__builtin__', 'bytes'): _safe_empty_bytes,
+    ('builtins', 'bytes'): _safe_empty_bytes,
 }
 
 
@@ -179,7 +188,7 @@ def read_deepmind_pickle(data: Union[bytes, PathLike], source: str = '') -> Dict
             data = f.read()
     source = source or '<bytes>'
     try:
-        tree = _RestrictedUnpickler(io.BytesIO(data)).load()
+        tree = _RestrictedUnpickler(io.BytesIO(data), encoding='latin1').load()  # latin1: Python 2 numpy data
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy on short buffers ...
@@ -187,7 +196,7 @@ def read_deepmind_pickle(data: Union[bytes, PathLike], source: str = '') -> Dict
     return _flatten_tree(tree, source)
 
 
-_TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'  # torch.save's pre-zip header
+_TORCH_LEGACY_MAGIC = b'\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'  # torch.save's pre-zip magic number
 
 
 def sniff_checkpoint_format(path: PathLike) -> str:
@@ -200,10 +209,10 @@ def sniff_checkpoint_format(path: PathLike) -> str:
     """
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
-        head = f.read(16)
+        head = f.read(32)
     if len(head) >= 9 and head[8:9] == b'{' and 2 <= int.from_bytes(head[:8], 'little') <= size - 8:
         return 'safetensors'
-    if head.startswith(_TORCH_LEGACY_MAGIC):
+    if head[:1] == b'\x80' and _TORCH_LEGACY_MAGIC in head:  # any pickle protocol: PROTO n, then the magic
         return 'torch'
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode, protocol 2-5
         return 'pickle'
@@ -464,9 +473,11 @@ def _rescale_gain_for_input_adaptation(state: StateDict, model: nn.Module, first
     repeats them scaled by 3/C: right for a plain conv, but weight standardisation divides the
     adapted kernel by its own norm, which undoes that scaling (a grayscale model came out ~1/sqrt(3)
     too weak on correlated kernels, a C-channel one sqrt(C/3) too strong). Standardisation is
-    ``gain * D / ||D||`` per output row (``D`` the centred kernel), so the adapted model computes
-    what adapting the *standardised* kernel would give when its gain is scaled by
-    ``||D_adapted|| / ||D||`` (norms floored at sqrt(eps) as the forward does).
+    ``gain * D / ||D||`` per output row (``D`` the centred kernel), so with its gain scaled by
+    ``||D_adapted|| / ||D||`` (norms floored at sqrt(eps) as the forward does) the adapted model
+    computes what adapting the *standardised* kernel would give: exactly for 1 channel and for
+    multiples of 3; for other counts the repeated-then-cut kernel's mean shifts a little, and the
+    response is matched in scale only.
     """
     weight, gain = state.get(f'{first_conv}.weight'), state.get(f'{first_conv}.gain')
     try:
@@ -478,10 +489,14 @@ def _rescale_gain_for_input_adaptation(state: StateDict, model: nn.Module, first
         return
     from timm.models import adapt_input_conv
     eps = float(getattr(conv, 'eps', 1e-4))
+    try:  # as timm's loader calls it; a weight it cannot adapt is dropped there, its gain left here
+        adapted = adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
+    except (NotImplementedError, ValueError, AssertionError):
+        return
 
     def row_norm(w: torch.Tensor) -> torch.Tensor:
         d = w.double().reshape(w.shape[0], -1)
         return (d - d.mean(1, keepdim=True)).pow(2).sum(1).clamp_min(eps).sqrt()
 
-    ratio = row_norm(adapt_input_conv(in_chans, weight)) / row_norm(weight)
+    ratio = row_norm(adapted) / row_norm(weight)
     state[f'{first_conv}.gain'] = (gain.double() * ratio.reshape(gain.shape)).to(gain.dtype)

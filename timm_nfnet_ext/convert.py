@@ -38,7 +38,8 @@ def build_model_from_state(
         state: Mapping[str, Any], model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
     """Create ``model_name`` (with ``model_kwargs``), load ``state`` (any layout) strictly; eval mode."""
-    if model_name not in list_nfnets():  # timm's own dm_nfnet_* are a different layout: not a target
+    # timm's own dm_nfnet_* are a different layout: not a target; a tag (nfnet_f0.dm_in1k) is fine
+    if timm.models.get_arch_name(model_name) not in list_nfnets():
         raise ValueError(f'unknown model {model_name!r}; NFNets of this package: {", ".join(list_nfnets())}')
     model = timm.create_model(model_name, pretrained=False, **dict(model_kwargs or {}))
     model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
@@ -123,15 +124,18 @@ def convert(
     existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f'{out_dir} already holds {", ".join(existing)}: pass --overwrite to replace it')
-    created = not out_dir.exists()
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
     try:
         state = load_checkpoint_file(src)
         model = build_model_from_state(state, model_name, model_kwargs)
         meta = {'source': os.path.basename(os.fspath(src)), 'source_layout': detect_layout(state)}
         return save_model_folder(model, out_dir, meta)
     except BaseException:
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        for folder in created:  # nothing is left behind by a failed conversion
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone
+                break
         raise
 
 

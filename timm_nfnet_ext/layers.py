@@ -16,7 +16,6 @@ Speed choices (each keeps the reference's numbers):
 from __future__ import annotations
 
 import functools
-
 import math
 import threading
 from typing import Callable, Dict, Optional, Tuple
@@ -51,6 +50,7 @@ GAMMAS: Dict[str, float] = {
     'softplus': 1.9203323125839233,
     'tanh': 1.5939117670059204,
 }
+
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x

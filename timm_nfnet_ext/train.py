@@ -354,9 +354,11 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     model = timm.create_model(run.args.model, **run.arch_kwargs)
     model.load_state_dict(weights, strict=True)
     size = list(run.data_config['input_size'])
+    stride = model.feature_info[-1]['reduction'] if getattr(model, 'feature_info', None) else 32
     model.pretrained_cfg = dict(
         model.pretrained_cfg, input_size=tuple(size), test_input_size=tuple(size),
-        pool_size=tuple(math.ceil(s / 32) for s in size[1:]), crop_pct=run.data_config['crop_pct'],
+        pool_size=tuple(math.ceil(s / stride) for s in size[1:]), crop_pct=run.data_config['crop_pct'],
+        test_crop_pct=run.data_config['crop_pct'],  # evaluated as validated (not the architecture's default)
         mean=run.data_config['mean'], std=run.data_config['std'], num_classes=run.num_classes,
         interpolation=run.data_config['interpolation'], hf_hub_id=None, tag=None, origin_url=None)
     out = Path(run.args.export) if run.args.export else run.run_dir / 'export'

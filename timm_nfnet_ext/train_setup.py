@@ -159,8 +159,18 @@ def resolve_run_dir(args: Any, info: DistInfo) -> Tuple[Path, List[Path]]:
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix='.probe-'):
             pass
     except OSError as e:
+        remove_empty_folders(created)
         raise TrainError(f'output folder {str(run_dir)!r} cannot be created or written: {e}') from None
     return run_dir, created
+
+
+def remove_empty_folders(folders: List[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: what a failed start created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another rank, or files of its own), or already gone
+            break
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -297,11 +307,19 @@ def _load_states(run: Run, data: Mapping[str, Any], path: Path) -> None:
         run.module.load_state_dict(data['model'], strict=True)
         if run.ema is not None:
             run.ema.module.load_state_dict(data['ema'], strict=True)
+        fresh_lrs = [g['lr'] for g in run.optimizer.param_groups]
         run.optimizer.load_state_dict(data['optimizer'])
-        if run.scheduler is not None and data.get('schedule') == run.schedule:
+        changed = _schedule_changes(data.get('schedule') or {}, run.schedule)
+        if run.scheduler is not None and not changed:
             run.scheduler.load_state_dict(dict(data['scheduler']))
         elif run.scheduler is not None:
-            run.notes.append(_schedule_change_note(data.get('schedule') or {}, run.schedule))
+            # the rebuilt schedule's own lr for the current position (train() steps it there when
+            # past epoch 0), not the one the optimizer state brought from the old schedule
+            for group, lr in zip(run.optimizer.param_groups, fresh_lrs):
+                group['lr'] = lr
+            run.notes.append('the schedule changed since the checkpoint (' + ', '.join(changed) + '): a new '
+                             'schedule is built and continued from the checkpoint\'s position (a plateau '
+                             'schedule restarts its patience)')
         if data.get('scaler'):
             run.scaler.load_state_dict(data['scaler'])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
@@ -309,10 +327,11 @@ def _load_states(run: Run, data: Mapping[str, Any], path: Path) -> None:
         raise TrainError(f'checkpoint {str(path)!r} does not fit this model/optimizer: {first}') from None
 
 
-def _schedule_change_note(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    changed = [f'{k} {before.get(k)!r} -> {v!r}' for k, v in now.items() if _as_list(before.get(k)) != _as_list(v)]
-    return ('the schedule changed since the checkpoint (' + ', '.join(changed) + '): a new schedule is '
-            'built and continued from the checkpoint\'s position (a plateau schedule restarts its patience)')
+def _schedule_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
+    """``key old -> new`` for each schedule setting that differs; a key the checkpoint predates
+    (saved by an older version) counts as unchanged."""
+    return [f'{k} {before[k]!r} -> {v!r}' for k, v in now.items()
+            if k in before and _as_list(before[k]) != _as_list(v)]
 
 
 def _as_list(v: Any) -> Any:
@@ -338,11 +357,7 @@ def prepare(args: Any, dist_info: DistInfo) -> Run:
     try:
         return _build_run(args, dist_info, run_dir, opt_name, clipping, opt_kwargs)
     except BaseException:
-        for folder in created:  # a start that fails leaves no empty run folder behind
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (another rank, or files of its own): left alone
-                break
+        remove_empty_folders(created)  # a start that fails leaves no empty run folder behind
         raise
 
 

@@ -88,9 +88,13 @@ class AGCMixin:
         if agc_defaults is None:  # pickled by an older version
             defaults = state.get('defaults') or self.__dict__.get('defaults') or {}
             agc_defaults = {'clipping': defaults.get('clipping', 0.01), 'agc_eps': defaults.get('agc_eps', 1e-3)}
-        for group in state.get('param_groups', []):  # state dicts saved without AGC get the defaults
-            group.setdefault('clipping', agc_defaults['clipping'])
-            group.setdefault('agc_eps', agc_defaults['agc_eps'])
+        # groups saved without AGC keep this optimizer's own values (load_state_dict: the classifier
+        # group stays unclipped), else take the defaults (unpickling an older version)
+        current = self.__dict__.get('param_groups') or []
+        for i, group in enumerate(state.get('param_groups', [])):
+            for key in ('clipping', 'agc_eps'):
+                if key not in group:
+                    group[key] = current[i][key] if i < len(current) and key in current[i] else agc_defaults[key]
             _validate_group(group)
         super().__setstate__(state)
         self.__dict__.setdefault('nonfinite', 'raise')  # pickled by an older version
