@@ -485,3 +485,22 @@ def test_schedule_changes_ignore_keys_an_older_checkpoint_lacks():
     assert _schedule_changes(old, now) == []
     assert _schedule_changes(dict(old, decay_milestones=(90, 180, 270)), now) == []  # tuple vs list
     assert _schedule_changes(dict(old, epochs=12), now) == ['epochs 12 -> 10']
+
+
+def test_a_schedule_rebuilt_mid_epoch_zero_uses_its_own_learning_rate(digits_dir, tmp_path):
+    """Resumed inside epoch 0 with another --lr: the rebuilt schedule's lr applies at once, not the
+    one the optimizer state carried from the old schedule."""
+    base = ['--data-dir', digits_dir, *TINY, '-b', '20', '--epochs', '1', '--warmup-epochs', '0', '--agc', '0.02']
+    code, out, err = run_main([*base, '--lr', '0.05', '--output', tmp_path / 'first'])
+    assert code == 0, err
+    data = load_ckpt(tmp_path / 'first' / 'checkpoint-0.pth.tar')
+    assert data['optimizer']['param_groups'][0]['lr'] == 0.0  # where the 1-epoch cosine ended
+    # the same state, as if written 3 steps into epoch 0 (the global batch is unchanged)
+    data.update(epoch=0, step=3, global_step=3, history=[])
+    mid = tmp_path / 'mid' / 'last.pth.tar'
+    mid.parent.mkdir()
+    torch.save(data, mid)
+    code, out, err = run_main([*base, '--lr', '0.1', '--output', tmp_path / 'mid', '--resume', mid])
+    assert code == 0, err
+    assert "lr 0.05 -> 0.1" in out  # the schedule changed: rebuilt, and said so
+    assert float(_summary(tmp_path / 'mid')[0]['lr']) == pytest.approx(0.1)
