@@ -597,3 +597,16 @@ def test_git_mirror_publish_then_timm_downloads(manifest, mirror_and_server, tmp
     assert torch.equal(_logits(default, x), _logits(ours, x))
     again = timm.create_model('hf-hub:testorg/nfnet_f0.dm_in1k', pretrained=True, cache_dir=cache)
     assert torch.equal(_logits(again, torch.from_numpy(np.load(tiny_x))), expected)
+
+
+def test_release_config_follows_the_architecture():
+    """A custom release's config.json: its sizes and crops, and the model's channels and stride."""
+    from timm_nfnet_hub.build import release_pretrained_cfg
+    from timm_nfnet_hub.manifest import _release_from_dict
+    model = timm.create_model('nfnet_f0', widths=(64, 128, 192), depths=(1, 1, 1), strides=(1, 2, 2),
+                              group_width=32, in_chans=1, num_classes=7)
+    release = _release_from_dict('r', _release({}, params_m=1.0), 'test')  # train 48, test 64
+    cfg = release_pretrained_cfg(model, release)
+    assert cfg['input_size'] == (1, 48, 48) and cfg['test_input_size'] == (1, 64, 64)
+    assert cfg['pool_size'] == (3, 3)  # total stride 16, not 32
+    assert cfg['num_classes'] == 7 and cfg['crop_pct'] == pytest.approx(48 / 80)
