@@ -17,7 +17,7 @@ from typing import List, Optional, Union
 import torch
 
 from timm_nfnet_ext import __version__ as EXT_VERSION
-from timm_nfnet_ext.convert import save_model_folder
+from timm_nfnet_ext.convert import pretrained_cfg_for_data, save_model_folder
 
 from .card import render_card
 from .manifest import Release
@@ -80,16 +80,11 @@ def _check_round_trip(folder: Path, built: BuiltModel) -> None:
 
 
 def release_pretrained_cfg(model: torch.nn.Module, release: Release) -> dict:
-    """The model's pretrained cfg with the release's resolutions, crop and licence: what
+    """The model's pretrained cfg with the release's resolutions, crops and licence: what
     ``config.json`` must carry (a custom release's sizes differ from the architecture's defaults)."""
-    train, test = release.train_size, release.test_size
-    cfg = dict(model.pretrained_cfg)
-    chans, stride = getattr(model, 'in_chans', 3), model.feature_info[-1]['reduction']
-    cfg.update(input_size=(chans, train, train), test_input_size=(chans, test, test),
-               pool_size=(-(-train // stride), -(-train // stride)), crop_pct=train / (train + 32),
-               test_crop_pct=test / (test + 32),
-               num_classes=model.num_classes, license=release.license)
-    return cfg
+    train, test, chans = release.train_size, release.test_size, getattr(model, 'in_chans', 3)
+    return pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test), train / (train + 32),
+                                   test / (test + 32), license=release.license)
 
 
 def _write_staged(built: BuiltModel, stage: Path, repo_id: str, label: str, source_sha256: str) -> None:

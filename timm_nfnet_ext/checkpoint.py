@@ -28,8 +28,8 @@ import torch.nn as nn
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'read_deepmind_pickle', 'load_checkpoint_file',
-    'sniff_checkpoint_format', 'detect_layout', 'deepmind_to_native', 'timm_to_native', 'native_to_timm', 'checkpoint_filter_fn',
-    'check_state_dict',
+    'sniff_checkpoint_format', 'detect_layout', 'deepmind_to_native', 'timm_to_native', 'native_to_timm',
+    'checkpoint_filter_fn', 'check_state_dict',
 ]
 
 PathLike = Union[str, os.PathLike]

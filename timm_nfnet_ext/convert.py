@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import timm
 import torch
@@ -109,6 +110,36 @@ def save_model_folder(
 OUTPUT_FILES = ('model.safetensors', 'config.json')
 
 
+def missing_folders(path: PathLike) -> List[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what a
+    ``mkdir(parents=True)`` would create, and so what a failed write should remove again."""
+    path = Path(path)
+    return [d for d in (path, *path.parents) if not d.exists()]
+
+
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process, or files of its own), or already gone
+            break
+
+
+def pretrained_cfg_for_data(model: nn.Module, input_size: Sequence[int], test_input_size: Sequence[int],
+                            crop_pct: float, test_crop_pct: float, **fields: Any) -> Dict[str, Any]:
+    """``model.pretrained_cfg`` with these input sizes and crops (the pool size follows from the
+    model's total stride) and its class count, plus ``fields``: what a written ``config.json``
+    should carry when the weights were trained or are evaluated otherwise than the defaults."""
+    info = getattr(model, 'feature_info', None)
+    stride = info[-1]['reduction'] if isinstance(info, list) and info else 32
+    cfg = dict(model.pretrained_cfg)
+    cfg.update(input_size=tuple(input_size), test_input_size=tuple(test_input_size),
+               pool_size=tuple(math.ceil(s / stride) for s in input_size[1:]), crop_pct=crop_pct,
+               test_crop_pct=test_crop_pct, num_classes=model.num_classes, **fields)
+    return cfg
+
+
 def convert(
         src: PathLike, out_dir: PathLike, model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None,
         overwrite: bool = False,
@@ -124,18 +155,14 @@ def convert(
     existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f'{out_dir} already holds {", ".join(existing)}: pass --overwrite to replace it')
-    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
+    created = missing_folders(out_dir)
     try:
         state = load_checkpoint_file(src)
         model = build_model_from_state(state, model_name, model_kwargs)
         meta = {'source': os.path.basename(os.fspath(src)), 'source_layout': detect_layout(state)}
         return save_model_folder(model, out_dir, meta)
     except BaseException:
-        for folder in created:  # nothing is left behind by a failed conversion
-            try:
-                folder.rmdir()
-            except OSError:  # not empty, or already gone
-                break
+        remove_empty_folders(created)  # nothing is left behind by a failed conversion
         raise
 
 

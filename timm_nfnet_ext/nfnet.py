@@ -487,11 +487,8 @@ class _InputCheck:
 
 
 def _is_hub_miss(e: Exception) -> bool:
-    try:
-        from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError:
-        return False
-    return isinstance(e, (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError))
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError  # (offline misses are EntryNotFound)
+    return isinstance(e, (EntryNotFoundError, HfHubHTTPError))
 
 
 def _hub_miss_note(variant: str, kwargs: Dict[str, Any]) -> str:
@@ -503,8 +500,9 @@ def _hub_miss_note(variant: str, kwargs: Dict[str, Any]) -> str:
         where = f'{cfg.hf_hub_id}/{cfg.hf_hub_filename or "model.safetensors"}'
     except Exception:  # the note must never hide the original error
         where = 'its Hub repo'
+    from huggingface_hub import constants
     note = f'timm_nfnet_ext: pretrained weights of {variant}: could not fetch {where}.'
-    if os.environ.get('HF_HUB_OFFLINE', '').strip().upper() in ('1', 'ON', 'YES', 'TRUE'):
+    if constants.HF_HUB_OFFLINE:
         note += ' HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache.'
     return note
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import sys
 import time
 from pathlib import Path
@@ -347,20 +346,17 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     """Write the best weights as model.safetensors + config.json, reload them through timm's
     pretrained path, and measure the reloaded model on the validation split."""
     import timm
-    from .convert import save_model_folder
+    from .convert import pretrained_cfg_for_data, save_model_folder
     best = run.run_dir / 'model_best.pth.tar'
     data = ckpt_io.load_checkpoint(best if best.is_file() else run.run_dir / 'last.pth.tar')
     weights = data['ema'] if data.get('ema') is not None else data['model']
     model = timm.create_model(run.args.model, **run.arch_kwargs)
     model.load_state_dict(weights, strict=True)
-    size = list(run.data_config['input_size'])
-    stride = model.feature_info[-1]['reduction'] if getattr(model, 'feature_info', None) else 32
-    model.pretrained_cfg = dict(
-        model.pretrained_cfg, input_size=tuple(size), test_input_size=tuple(size),
-        pool_size=tuple(math.ceil(s / stride) for s in size[1:]), crop_pct=run.data_config['crop_pct'],
-        test_crop_pct=run.data_config['crop_pct'],  # evaluated as validated (not the architecture's default)
-        mean=run.data_config['mean'], std=run.data_config['std'], num_classes=run.num_classes,
-        interpolation=run.data_config['interpolation'], hf_hub_id=None, tag=None, origin_url=None)
+    data, size = run.data_config, run.data_config['input_size']
+    # evaluated as validated: the run's size and crop at train and test time alike
+    model.pretrained_cfg = pretrained_cfg_for_data(
+        model, size, size, data['crop_pct'], data['crop_pct'], mean=data['mean'], std=data['std'],
+        interpolation=data['interpolation'], hf_hub_id=None, tag=None, origin_url=None)
     out = Path(run.args.export) if run.args.export else run.run_dir / 'export'
     save_model_folder(model, out, metadata={'trained_with': 'timm-nfnet-train'})
     # timm's own pretrained path: the architecture and its arguments come from config.json

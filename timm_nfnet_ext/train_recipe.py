@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
          "when no data is given), '' for an ImageFolder, or a timm scheme: torch/NAME, hfds/NAME, tfds/NAME, wds/NAME")
     _add(g, '--train-split', metavar='NAME', default='train', help='training split')
     _add(g, '--val-split', metavar='NAME', default='validation', help="validation split ('' for none)")
-    _add(g, '--dataset-download', action=argparse.BooleanOptionalAction, default=False, help='let timm download torch/ datasets')
+    _add(g, '--dataset-download', action=argparse.BooleanOptionalAction, default=False,
+         help='let timm download torch/ datasets')
     _add(g, '--class-map', metavar='FILE', default='', help='class map file for ImageFolder datasets')
 
     g = p.add_argument_group('model')
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, '-vb', '--validation-batch-size', type=int, metavar='N', help='validation batch size per process')
     _add(g, '--channels-last', action=argparse.BooleanOptionalAction, default=False, help='channels_last memory layout')
     _add(g, '--grad-accum-steps', type=int, default=1, metavar='N', help='micro-batches per optimizer step')
-    _add(g, '--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False, help='activation checkpointing')
+    _add(g, '--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False,
+         help='activation checkpointing')
 
     g = p.add_argument_group('device and precision')
     _add(g, '--device', help="'cuda' or 'cpu' (default: cuda when available)")
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('learning rate schedule')
     _add(g, '--sched', default='cosine', help='timm scheduler name')
-    _add(g, '--sched-on-updates', action=argparse.BooleanOptionalAction, default=False, help='step the schedule every update')
+    _add(g, '--sched-on-updates', action=argparse.BooleanOptionalAction, default=False,
+         help='step the schedule every update')
     _add(g, '--lr', type=float, help='learning rate (default: --lr-base scaled by the global batch)')
     _add(g, '--lr-base', type=float, default=0.1, help='lr at --lr-base-size global batch')
     _add(g, '--lr-base-size', type=int, default=256, help='batch size of --lr-base')
@@ -164,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, '--drop-path', type=float, help="stochastic depth rate (default: the model's)")
 
     g = p.add_argument_group('EMA of the weights')
-    _add(g, '--model-ema', action=argparse.BooleanOptionalAction, default=False, help='keep an EMA of the weights (evaluated)')
+    _add(g, '--model-ema', action=argparse.BooleanOptionalAction, default=False,
+         help='keep an EMA of the weights (evaluated)')
     _add(g, '--model-ema-decay', type=float, default=0.9998, help='EMA decay')
     _add(g, '--model-ema-warmup', nargs='?', const='paper', choices=('paper', 'timm'), default=None,
          help="EMA decay warmup: 'paper' = min(decay, (1+t)/(10+t)) (the default with the bare flag), "
@@ -173,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('run, checkpoints, logging')
     _add(g, '--seed', type=int, default=42, help='random seed')
     _add(g, '-j', '--workers', type=int, default=4, help='data loading processes per training process')
-    _add(g, '--pin-mem', action=argparse.BooleanOptionalAction, default=False, help='pinned host memory for CUDA copies')
+    _add(g, '--pin-mem', action=argparse.BooleanOptionalAction, default=False,
+         help='pinned host memory for CUDA copies')
     _add(g, '--output', metavar='DIR', help='run folder (default: a new output/train/<date>-<model>)')
     _add(g, '--experiment', metavar='NAME', default='', help='sub-folder of --output')
     _add(g, '--resume', metavar='PATH', default='', help="checkpoint to continue, or 'auto': the latest in the "

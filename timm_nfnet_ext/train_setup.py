@@ -21,6 +21,7 @@ import torch.nn as nn
 from timm.utils import random_seed
 
 from . import train_checkpoint as ckpt_io
+from .convert import missing_folders, remove_empty_folders
 from .train_data import EpochSampler, build_datasets, build_loader, num_classes_of
 from .train_recipe import TrainError
 
@@ -153,7 +154,7 @@ def resolve_run_dir(args: Any, info: DistInfo) -> Tuple[Path, List[Path]]:
         run_dir = Path('output') / 'train' / f'{stamp[0]}-{args.model}'
     if args.experiment:
         run_dir = run_dir / args.experiment
-    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    created = missing_folders(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix='.probe-'):
@@ -162,15 +163,6 @@ def resolve_run_dir(args: Any, info: DistInfo) -> Tuple[Path, List[Path]]:
         remove_empty_folders(created)
         raise TrainError(f'output folder {str(run_dir)!r} cannot be created or written: {e}') from None
     return run_dir, created
-
-
-def remove_empty_folders(folders: List[Path]) -> None:
-    """Remove ``folders`` (deepest first) while they are empty: what a failed start created."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (another rank, or files of its own), or already gone
-            break
 
 
 # --- the run ---------------------------------------------------------------------------------

@@ -18,10 +18,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     carry no ``_orig_mod.`` / ``module.`` prefix (``no_weight_decay()`` patterns must match)."""
     while True:
         inner = getattr(model, '_orig_mod', None)  # torch.compile's OptimizedModule
-        if not isinstance(inner, nn.Module) and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = model.module
         if not isinstance(inner, nn.Module) and not hasattr(model, 'get_classifier'):
-            inner = getattr(model, 'module', None)  # other wrappers that hold the model as .module
+            inner = getattr(model, 'module', None)  # DDP, DataParallel and other .module wrappers
         if not isinstance(inner, nn.Module):
             return model
         model = inner
