@@ -2,6 +2,7 @@
 
     python benchmarks/conv_efficiency.py                       # NFNet-F0, b8/192, CPU fp32
     python benchmarks/conv_efficiency.py --model nfnet_f1 --batch 4 --px 224
+    python benchmarks/conv_efficiency.py --by-shape            # and each conv shape's GFLOP/s
 
 For each side in turn, the training step of ``bench.py`` (forward, backward, AGC, SGD) is timed
 for a few steps, then profiled for as many. Forward hooks on the convs count their FLOPs forward
@@ -10,16 +11,18 @@ and backward (data and weight gradients: twice the forward); the profiler gives 
 step's wall time is everything that is not convolution; the ops that take it are listed
 with their profiled self time. The last line prints the largest non-convolution time ours could
 have for a given ratio to timm (``--target``), with the convolutions as fast as they are: the
-room any CPU speed-up at exact numerics has to fit in. The two sides run one after the other,
-so drift of a shared machine lands on one of them: for the ratio itself, ``bench.py`` times
-them in alternating pairs.
+room any CPU speed-up at exact numerics has to fit in. ``--by-shape`` lists every conv shape
+of the profiled step (the op's own input, after any explicit padding) with its forward and
+backward GFLOP/s: the shapes where oneDNN itself runs below the peak. The two sides run one
+after the other, so drift of a shared machine lands on one of them: for the ratio itself,
+``bench.py`` times them in alternating pairs.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -55,17 +58,51 @@ def conv_flops(model: torch.nn.Module, step) -> Dict[str, int]:
     return counts
 
 
-def profile_step(step, steps: int) -> Dict[str, float]:
+ConvKey = Tuple[Tuple[int, ...], Tuple[int, ...], int]  # the conv op's input, weight, stride
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_event(event) -> Optional[Tuple[str, ConvKey, int]]:
+    """(``'forward'`` or ``'backward'``, shape key, FLOPs) of one conv op profiled with its shapes,
+    FLOPs counted as in ``conv_flops`` (from the op's own input, after any explicit padding)."""
+    shapes, args = event.input_shapes, list(getattr(event, 'concrete_inputs', None) or [])
+    if event.name == FORWARD_OP and len(shapes) > 1 and len(args) > 5 and args[3]:
+        x, w, (stride, pad, dil) = shapes[0], shapes[1], (args[3], args[4], args[5])
+        out = [_out_size(x[i + 2], w[i + 2], stride[i], pad[i], dil[i]) for i in range(2)]
+        per_output = w[1] * w[2] * w[3]
+        return 'forward', (tuple(x), tuple(w), stride[0]), 2 * x[0] * w[0] * out[0] * out[1] * per_output
+    if event.name == BACKWARD_OP and len(shapes) > 2 and len(args) > 10 and args[4]:
+        grad_out, x, w, mask = shapes[0], shapes[1], shapes[2], args[10]
+        n = 2 * grad_out[0] * grad_out[1] * grad_out[2] * grad_out[3] * w[1] * w[2] * w[3]
+        return 'backward', (tuple(x), tuple(w), args[4][0]), n * (int(bool(mask[0])) + int(bool(mask[1])))
+    return None
+
+
+def profile_step(step, steps: int, by_shape: bool = False) -> Dict[str, Any]:
     """Seconds per step: the whole step (median wall time, not profiled: the profiler's own cost
-    would land outside the convolutions) and the time of the convolutions (profiled)."""
+    would land outside the convolutions) and the time of the convolutions (profiled). With
+    ``by_shape``, also each conv shape's forward and backward seconds (``shapes``); recording
+    the shapes adds to the profiler's own cost outside the convolutions."""
     walls = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         walls.append(time.perf_counter() - t0)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
         for _ in range(steps):
             step()
+    shapes: Dict[ConvKey, Dict[str, float]] = {}
+    for event in (prof.events() if by_shape else []):
+        found = _conv_event(event)
+        if found:
+            row = shapes.setdefault(found[1], dict.fromkeys(('calls', 'forward', 'backward', 'forward_flops',
+                                                             'backward_flops'), 0.0))
+            row[found[0]] += event.cpu_time_total / 1e6 / steps
+            row[found[0] + '_flops'] += found[2] / steps
+            row['calls'] += (found[0] == 'forward') / steps
     events = {e.key: e for e in prof.key_averages()}
     if FORWARD_OP not in events or BACKWARD_OP not in events:
         raise RuntimeError(f'the profile has no {FORWARD_OP} / {BACKWARD_OP}: not a conv model?')
@@ -79,7 +116,22 @@ def profile_step(step, steps: int) -> Dict[str, float]:
             'forward': total[FORWARD_OP],
             'backward': total[BACKWARD_OP],
             'other_profiled': sum(self_time.values()) - conv,
-            'top_other': sorted(listed.items(), key=lambda kv: -kv[1])}
+            'top_other': sorted(listed.items(), key=lambda kv: -kv[1]),
+            'shapes': shapes}
+
+
+def print_shapes(shapes: Dict[ConvKey, Dict[str, float]], peak: float) -> None:
+    """One line per conv shape, the largest total time first: calls per step, then forward and
+    backward time, GFLOP/s and share of the matmul peak."""
+    def rate(flops: float, seconds: float) -> str:
+        gflops = flops / seconds / 1e9 if seconds else 0.0
+        return f'{gflops:4.0f} GFLOP/s ({gflops / peak:4.0%})'
+
+    for key, r in sorted(shapes.items(), key=lambda kv: -(kv[1]['forward'] + kv[1]['backward'])):
+        x, w, stride = key
+        print(f"        in {str(list(x)):18s} w {str(list(w)):20s} s{stride} x{round(r['calls']):<3d}"
+              f" fwd {r['forward'] * 1e3:6.1f} ms {rate(r['forward_flops'], r['forward'])}"
+              f" | bwd {r['backward'] * 1e3:6.1f} ms {rate(r['backward_flops'], r['backward'])}")
 
 
 def _positive_int(text: str) -> int:
@@ -99,10 +151,11 @@ def main(argv=None) -> int:
                    help='timed steps, then as many profiled, per side (after 2 warm-up steps)')
     p.add_argument('--top', type=int, default=8, help='how many of the largest non-conv ops to list')
     p.add_argument('--target', type=float, default=1.1, help='the timm/ours step ratio to bound')
+    p.add_argument('--by-shape', action='store_true',
+                   help="also list each conv shape's time and GFLOP/s, forward and backward")
     args = p.parse_args(argv)
 
     peaks = [matmul_peak_gflops('cpu', torch.float32)]
-    rows = []
     print(f'{args.model} training step, b{args.batch}/{args.px}px, CPU fp32, {torch.get_num_threads()} threads')
     results = {}
     for impl in ('timm', 'ours'):
@@ -110,20 +163,21 @@ def main(argv=None) -> int:
         for _ in range(2):
             step()
         flops = conv_flops(step.model, step)
-        t = profile_step(step, args.steps)
+        t = profile_step(step, args.steps, by_shape=args.by_shape)
         peaks.append(matmul_peak_gflops('cpu', torch.float32))
-        rest = t['step'] - t['forward'] - t['backward']
-        results[impl] = dict(t, rest=rest)
-        rows.append((impl, t, flops, rest))
+        results[impl] = dict(t, rest=t['step'] - t['forward'] - t['backward'], flops=flops)
         del step
     peak = statistics.median(peaks)
-    for impl, t, flops, rest in rows:
-        fwd, bwd = flops['forward'] / t['forward'] / 1e9, flops['backward'] / t['backward'] / 1e9
-        print(f"{impl:5s} step {t['step'] * 1e3:7.0f} ms | conv forward {t['forward'] * 1e3:5.0f} ms, "
-              f"{fwd:4.0f} GFLOP/s ({fwd / peak:.0%}) | conv backward {t['backward'] * 1e3:5.0f} ms, "
-              f"{bwd:4.0f} GFLOP/s ({bwd / peak:.0%}) | not conv {rest * 1e3:5.0f} ms (step - conv)")
-        print(f"      not conv, profiled self time {t['other_profiled'] * 1e3:.0f} ms; largest: "
-              + ', '.join(f'{k} {v * 1e3:.0f}' for k, v in t['top_other'][:args.top]))
+    for impl, r in results.items():
+        flops = r['flops']
+        fwd, bwd = flops['forward'] / r['forward'] / 1e9, flops['backward'] / r['backward'] / 1e9
+        print(f"{impl:5s} step {r['step'] * 1e3:7.0f} ms | conv forward {r['forward'] * 1e3:5.0f} ms, "
+              f"{fwd:4.0f} GFLOP/s ({fwd / peak:.0%}) | conv backward {r['backward'] * 1e3:5.0f} ms, "
+              f"{bwd:4.0f} GFLOP/s ({bwd / peak:.0%}) | not conv {r['rest'] * 1e3:5.0f} ms (step - conv)")
+        print(f"      not conv, profiled self time {r['other_profiled'] * 1e3:.0f} ms; largest: "
+              + ', '.join(f'{k} {v * 1e3:.0f}' for k, v in r['top_other'][:args.top]))
+        if args.by_shape:
+            print_shapes(r['shapes'], peak)
     print(f"matmul peak measured before, between and after: {' / '.join(f'{x:.0f}' for x in peaks)} GFLOP/s "
           f"(percentages above: of the median, {peak:.0f})")
     ours, theirs = results['ours'], results['timm']
