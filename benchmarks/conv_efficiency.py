@@ -81,6 +81,21 @@ def _conv_event(event) -> Optional[Tuple[str, ConvKey, int]]:
     return None
 
 
+def _per_shape(events, steps: int) -> Dict[ConvKey, Dict[str, float]]:
+    """Per conv shape and step: calls, forward and backward seconds and FLOPs."""
+    shapes: Dict[ConvKey, Dict[str, float]] = {}
+    for event in events:
+        found = _conv_event(event)
+        if found:
+            kind, key, flops = found
+            row = shapes.setdefault(key, dict.fromkeys(('calls', 'forward', 'backward', 'forward_flops',
+                                                        'backward_flops'), 0.0))
+            row[kind] += event.cpu_time_total / 1e6 / steps
+            row[kind + '_flops'] += flops / steps
+            row['calls'] += (kind == 'forward') / steps
+    return shapes
+
+
 def profile_step(step, steps: int, by_shape: bool = False) -> Dict[str, Any]:
     """Seconds per step: the whole step (median wall time, not profiled: the profiler's own cost
     would land outside the convolutions) and the time of the convolutions (profiled). With
@@ -94,15 +109,6 @@ def profile_step(step, steps: int, by_shape: bool = False) -> Dict[str, Any]:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
         for _ in range(steps):
             step()
-    shapes: Dict[ConvKey, Dict[str, float]] = {}
-    for event in (prof.events() if by_shape else []):
-        found = _conv_event(event)
-        if found:
-            row = shapes.setdefault(found[1], dict.fromkeys(('calls', 'forward', 'backward', 'forward_flops',
-                                                             'backward_flops'), 0.0))
-            row[found[0]] += event.cpu_time_total / 1e6 / steps
-            row[found[0] + '_flops'] += found[2] / steps
-            row['calls'] += (found[0] == 'forward') / steps
     events = {e.key: e for e in prof.key_averages()}
     if FORWARD_OP not in events or BACKWARD_OP not in events:
         raise RuntimeError(f'the profile has no {FORWARD_OP} / {BACKWARD_OP}: not a conv model?')
@@ -117,7 +123,7 @@ def profile_step(step, steps: int, by_shape: bool = False) -> Dict[str, Any]:
             'backward': total[BACKWARD_OP],
             'other_profiled': sum(self_time.values()) - conv,
             'top_other': sorted(listed.items(), key=lambda kv: -kv[1]),
-            'shapes': shapes}
+            'shapes': _per_shape(prof.events(), steps) if by_shape else {}}
 
 
 def print_shapes(shapes: Dict[ConvKey, Dict[str, float]], peak: float) -> None:
