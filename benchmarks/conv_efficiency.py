@@ -13,9 +13,10 @@ with their profiled self time. The last line prints the largest non-convolution 
 have for a given ratio to timm (``--target``), with the convolutions as fast as they are: the
 room any CPU speed-up at exact numerics has to fit in. ``--by-shape`` lists every conv shape
 of the profiled step (the op's own input, after any explicit padding) with its forward and
-backward GFLOP/s: the shapes where oneDNN itself runs below the peak. The two sides run one
-after the other, so drift of a shared machine lands on one of them: for the ratio itself,
-``bench.py`` times them in alternating pairs.
+backward GFLOP/s (whole-op times: the kernel, its layout reorders and the page faults of fresh
+output memory; ``record_shapes`` also adds to the other lines' profiled times). The two sides
+run one after the other, so drift of a shared machine lands on one of them: for the ratio
+itself, ``bench.py`` times them in alternating pairs.
 """
 from __future__ import annotations
 
@@ -67,14 +68,15 @@ def _out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> i
 
 def _conv_event(event) -> Optional[Tuple[str, ConvKey, int]]:
     """(``'forward'`` or ``'backward'``, shape key, FLOPs) of one conv op profiled with its shapes,
-    FLOPs counted as in ``conv_flops`` (from the op's own input, after any explicit padding)."""
+    FLOPs counted as in ``conv_flops`` (from the op's own input, after any explicit padding).
+    None for other ops and for transposed convs (NFNets have none)."""
     shapes, args = event.input_shapes, list(getattr(event, 'concrete_inputs', None) or [])
-    if event.name == FORWARD_OP and len(shapes) > 1 and len(args) > 5 and args[3]:
+    if event.name == FORWARD_OP and len(shapes) > 1 and len(args) > 6 and args[3] and args[6] is False:
         x, w, (stride, pad, dil) = shapes[0], shapes[1], (args[3], args[4], args[5])
         out = [_out_size(x[i + 2], w[i + 2], stride[i], pad[i], dil[i]) for i in range(2)]
         per_output = w[1] * w[2] * w[3]
         return 'forward', (tuple(x), tuple(w), stride[0]), 2 * x[0] * w[0] * out[0] * out[1] * per_output
-    if event.name == BACKWARD_OP and len(shapes) > 2 and len(args) > 10 and args[4]:
+    if event.name == BACKWARD_OP and len(shapes) > 2 and len(args) > 10 and args[4] and args[7] is False:
         grad_out, x, w, mask = shapes[0], shapes[1], shapes[2], args[10]
         n = 2 * grad_out[0] * grad_out[1] * grad_out[2] * grad_out[3] * w[1] * w[2] * w[3]
         return 'backward', (tuple(x), tuple(w), args[4][0]), n * (int(bool(mask[0])) + int(bool(mask[1])))
@@ -118,12 +120,16 @@ def profile_step(step, steps: int, by_shape: bool = False) -> Dict[str, Any]:
     # self times partition the profile, so what is not under a conv op is the rest of the sum;
     # the ops listed may include a little work done inside the convs (their copies, allocations)
     listed = {k: v for k, v in self_time.items() if k not in (FORWARD_OP, BACKWARD_OP) and k not in CONV_KERNELS}
+    shapes = _per_shape(prof.events(), steps) if by_shape else {}
+    if by_shape and not shapes:
+        raise RuntimeError("the profiler recorded no conv op's arguments (concrete_inputs), which --by-shape "
+                           'needs: not a conv model, or a torch whose profiler does not record them')
     return {'step': statistics.median(walls),
             'forward': total[FORWARD_OP],
             'backward': total[BACKWARD_OP],
             'other_profiled': sum(self_time.values()) - conv,
             'top_other': sorted(listed.items(), key=lambda kv: -kv[1]),
-            'shapes': _per_shape(prof.events(), steps) if by_shape else {}}
+            'shapes': shapes}
 
 
 def print_shapes(shapes: Dict[ConvKey, Dict[str, float]], peak: float) -> None:

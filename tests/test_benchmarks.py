@@ -38,8 +38,10 @@ def test_conv_flops_by_shape_add_up_to_the_hook_count():
 
 
 def test_conv_flops_from_op_arguments_with_implicit_padding_and_groups():
-    """A conv that pads inside the op (not by an explicit pad) and a grouped one."""
-    model = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4))
+    """A conv that pads inside the op (not by an explicit pad), a dilated grouped one, and a
+    transposed conv, which neither count includes."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4),
+                          nn.ConvTranspose2d(8, 4, 2, stride=2))
     step = _step(model, torch.randn(3, 4, 17, 15))
     total = conv_efficiency.conv_flops(model, step)
     shapes = conv_efficiency.profile_step(step, steps=1, by_shape=True)['shapes']
