@@ -21,7 +21,7 @@ import timm_nfnet_ext.train_checkpoint as ckpt_io
 from timm_nfnet_ext.train import main, weights_fingerprint
 from timm_nfnet_ext.train_data import EpochSampler
 from timm_nfnet_ext.train_recipe import resolve_settings
-from timm_nfnet_ext.train_setup import DistInfo, prepare
+from timm_nfnet_ext.train_setup import DistInfo, prepare, resolve_optimizer
 
 from train_helpers import (REPO, TINY, assert_states_equal, child_env, load_ckpt, make_digits_folder, run_ok,
                            torchrun_cmd, train_cmd)
@@ -76,6 +76,11 @@ def test_no_arguments_run_the_quickstart_and_flags_beat_the_recipe():
     assert args.export is None and args.sched_on_updates is False and sources['export'] == 'cli'
     args, _, _ = resolve_settings(['--recipe', 'paper', '--no-model-ema', '--no-amp', '--no-warmup-prefix'])
     assert (args.model_ema, args.amp, args.warmup_prefix) == (False, False, False)
+    # a clipping ratio given as an optimizer keyword replaces the recipe's --agc, not contradicts it
+    for recipe, opt in (('quickstart', 'sgdagc'), ('paper', 'sgdagc'), ('paper', 'sgd')):
+        args, sources, _ = resolve_settings(['--recipe', recipe, '--opt', opt, '--opt-kwargs', 'clipping=0.02'])
+        assert (args.agc, sources['agc']) == (0.02, 'cli')
+        assert resolve_optimizer(args)[1:] == (0.02, dict(clipping=0.02, agc_eps=args.agc_eps))
 
 
 @pytest.mark.parametrize('model,px,drop,level', [('nfnet_f0', 192, 0.2, 5), ('nfnet_f3', 320, 0.4, 15),
@@ -283,6 +288,7 @@ def test_bad_data_model_optimizer_and_output_are_refused_before_training(digits_
         (['--data-dir', digits_dir, '--seed', '-1'], '--seed must be in [0, 2**31), got -1'),
         (['--data-dir', digits_dir, '--num-classes', '3'], '--num-classes 3 is fewer than the 10 classes'),
         (['--data-dir', digits_dir, '--opt', 'fusedsgd'], "cannot create optimizer 'fusedsgd'"),
+        (['--data-dir', digits_dir, '--opt', 'fusedsgd', '--agc', '0.01'], "cannot add AGC to optimizer 'fusedsgd'"),
     ]
     for extra, message in cases:
         out_dir = tmp_path / 'out'

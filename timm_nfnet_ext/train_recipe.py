@@ -279,6 +279,8 @@ def resolve_settings(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Nam
                          'clipped units at every step']
     if 'data_dir' in given and 'dataset' not in given:
         recipe.pop('dataset', None)  # your folder, not the recipe's built-in data
+    if 'agc' in recipe and 'agc' not in given and 'clipping' in given.get('opt_kwargs', {}):
+        given['agc'] = given['opt_kwargs']['clipping']  # your clipping ratio, not the recipe's
     settings: Dict[str, Any] = {**DEFAULTS, **recipe, **given}
     sources = {k: 'cli' if k in given else f'recipe {recipe_name}' if k in recipe else 'default'
                for k in settings}

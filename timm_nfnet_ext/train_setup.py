@@ -112,7 +112,8 @@ def resolve_optimizer(args: Any) -> Tuple[str, Optional[float], Dict[str, Any]]:
         if name not in known:
             try:
                 agc.register_agc_optimizer(name, base)
-            except (TypeError, ValueError, RuntimeError) as e:
+            except (TypeError, ValueError, RuntimeError, AssertionError, ImportError) as e:
+                # timm asserts for optimizers this device or install lacks (APEX's fused* need CUDA)
                 raise TrainError(f'cannot add AGC to optimizer {base!r}: {e}') from e
     kwargs.update(clipping=args.agc, agc_eps=args.agc_eps)
     return name, args.agc, kwargs
