@@ -80,11 +80,16 @@ def _check_round_trip(folder: Path, built: BuiltModel) -> None:
 
 
 def release_pretrained_cfg(model: torch.nn.Module, release: Release) -> dict:
-    """The model's pretrained cfg with the release's resolutions, crops and licence: what
-    ``config.json`` must carry (a custom release's sizes differ from the architecture's defaults)."""
+    """The model's pretrained cfg with the release's resolutions, crops, licence and tag (the part
+    of its repo name after the dot, ``nfnet_f0.dm_in1k`` -> ``dm_in1k``; none without one): what
+    ``config.json`` must carry (a custom release's sizes and tag differ from the architecture's)."""
     train, test, chans = release.train_size, release.test_size, getattr(model, 'in_chans', 3)
-    return pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test), train / (train + 32),
-                                   test / (test + 32), license=release.license)
+    cfg = pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test), train / (train + 32),
+                                  test / (test + 32), license=release.license)
+    cfg.pop('tag', None)
+    if '.' in release.repo_name:
+        cfg['tag'] = release.repo_name.split('.', 1)[1]
+    return cfg
 
 
 def _write_staged(built: BuiltModel, stage: Path, repo_id: str, label: str, source_sha256: str) -> None:

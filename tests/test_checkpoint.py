@@ -298,6 +298,34 @@ def test_converter_does_not_overwrite_without_asking(tmp_path, capsys):
     assert load_checkpoint_file(tmp_path / 'out' / 'model.safetensors').keys() == tiny_model().state_dict().keys()
 
 
+def test_converter_config_describes_the_converted_weights(tmp_path, capsys):
+    """config.json keeps the release tag only for the registered architecture, and carries the
+    sizes and crops given on the command line; the folder still loads through timm."""
+    src = str(FIXTURES / 'tiny_nfnet' / 'params.pkl')
+    kwargs = ['--model-kwargs', json.dumps(fixture_model_kwargs('tiny_nfnet'))]
+
+    def cfg(name: str) -> dict:
+        return json.loads((tmp_path / name / 'config.json').read_text())['pretrained_cfg']
+
+    assert convert.main([src, '-o', str(tmp_path / 'plain'), '--model', 'nfnet_f0', *kwargs]) == 0
+    assert 'tag' not in cfg('plain')  # not DeepMind's ImageNet release: no dm_in1k
+    assert cfg('plain')['input_size'] == [3, 192, 192]  # the architecture's defaults when none given
+    assert convert.main([src, '-o', str(tmp_path / 'sized'), '--model', 'nfnet_f0', *kwargs, '--tag', 'my_data',
+                         '--input-size', '48', '--test-input-size', '64']) == 0
+    sized = cfg('sized')
+    assert (sized['tag'], sized['input_size'], sized['test_input_size']) == ('my_data', [3, 48, 48], [3, 64, 64])
+    assert (sized['crop_pct'], sized['test_crop_pct'], sized['num_classes']) == (48 / 80, 64 / 96, 10)
+    model = timm.create_model(f'local-dir:{tmp_path / "sized"}', pretrained=True)
+    assert model.pretrained_cfg['tag'] == 'my_data' and model.pretrained_cfg['test_input_size'] == (3, 64, 64)
+    assert convert.main([src, '-o', str(tmp_path / 'bad'), '--model', 'nfnet_f0', *kwargs, '--tag', 'My Data']) == 1
+    assert 'tag must be lowercase' in capsys.readouterr().err and not (tmp_path / 'bad').exists()
+    assert convert.main([src, '-o', str(tmp_path / 'bad'), '--model', 'nfnet_f0', *kwargs, '--input-size', '0']) == 1
+    assert 'input_size must be a positive' in capsys.readouterr().err and not (tmp_path / 'bad').exists()
+    # the registered architecture keeps its release tag and sizes
+    release = timm.create_model('nfnet_f0')
+    assert convert.conversion_cfg(release, custom_architecture=False)['tag'] == 'dm_in1k'
+
+
 def test_converter_refuses_non_finite_weights(tmp_path):
     model = tiny_model()
     sd = {k: v.clone() for k, v in model.state_dict().items()}

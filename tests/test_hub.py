@@ -610,3 +610,8 @@ def test_release_config_follows_the_architecture():
     assert cfg['input_size'] == (1, 48, 48) and cfg['test_input_size'] == (1, 64, 64)
     assert cfg['pool_size'] == (3, 3)  # total stride 16, not 32
     assert cfg['num_classes'] == 7 and cfg['crop_pct'] == pytest.approx(48 / 80)
+    assert cfg['tag'] == 'dm_in1k'  # from the repo name nfnet_f0.dm_in1k
+    custom = _release_from_dict('r', _release({}, params_m=1.0, repo_name='nfnet_tiny.digits'), 'test')
+    assert release_pretrained_cfg(model, custom)['tag'] == 'digits'  # not the architecture's dm_in1k
+    untagged = _release_from_dict('r', _release({}, params_m=1.0, repo_name='nfnet-tiny'), 'test')
+    assert 'tag' not in release_pretrained_cfg(model, untagged)

@@ -1,7 +1,7 @@
 """``timm-nfnet-convert``: DeepMind / timm / native NFNet weights -> ``model.safetensors`` + ``config.json``.
 
     timm-nfnet-convert F0_haiku.npz -o out/nfnet_f0 --model nfnet_f0
-    timm-nfnet-convert params.pkl -o out/tiny --model nfnet_f0 \\
+    timm-nfnet-convert params.pkl -o out/tiny --model nfnet_f0 --input-size 48 --test-input-size 64 \\
         --model-kwargs '{"widths": [64, 128, 192, 192], "depths": [1, 2, 2, 1], "group_width": 32, "num_classes": 10}'
 
 The output folder loads with timm's own pretrained path::
@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from timm.models._hub import save_config_for_hf
 from . import __version__
 from .checkpoint import CheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file
 
-__all__ = ['build_model_from_state', 'list_nfnets', 'save_model_folder', 'convert', 'main']
+__all__ = ['build_model_from_state', 'list_nfnets', 'save_model_folder', 'conversion_cfg', 'convert', 'main']
 
 PathLike = Union[str, os.PathLike]
 
@@ -140,12 +141,46 @@ def pretrained_cfg_for_data(model: nn.Module, input_size: Sequence[int], test_in
     return cfg
 
 
+_TAG = re.compile(r'^[a-z0-9_]+$')
+
+
+def conversion_cfg(model: nn.Module, custom_architecture: bool, tag: Optional[str] = None,
+                   input_size: Optional[int] = None, test_input_size: Optional[int] = None) -> Dict[str, Any]:
+    """The pretrained cfg a conversion's ``config.json`` carries.
+
+    The registered model's own cfg (its release tag, e.g. ``dm_in1k``, and its sizes and crops)
+    describes DeepMind's released weights. A ``custom_architecture`` (changed by ``model_kwargs``)
+    holds weights that release did not make, so its tag is dropped unless ``tag`` names one.
+    ``input_size`` / ``test_input_size`` (pixels; the test size defaults to the train size) set
+    the sizes and crops (``S / (S + 32)``) the weights were trained and are evaluated at.
+    """
+    if tag is not None and not _TAG.match(tag):
+        raise ValueError(f'tag must be lowercase letters, digits and _ (like dm_in1k), got {tag!r}')
+    for name, px in (('input_size', input_size), ('test_input_size', test_input_size)):
+        if px is not None and px < 1:
+            raise ValueError(f'{name} must be a positive number of pixels, got {px}')
+    cfg = dict(model.pretrained_cfg)
+    if input_size is not None or test_input_size is not None:
+        chans = getattr(model, 'in_chans', 3)
+        train = input_size if input_size is not None else cfg['input_size'][-1]
+        test = test_input_size if test_input_size is not None else train
+        cfg = pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test), train / (train + 32),
+                                      test / (test + 32))
+    if tag is not None:
+        cfg['tag'] = tag
+    elif custom_architecture:
+        cfg.pop('tag', None)
+    return cfg
+
+
 def convert(
         src: PathLike, out_dir: PathLike, model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None,
-        overwrite: bool = False,
+        overwrite: bool = False, tag: Optional[str] = None, input_size: Optional[int] = None,
+        test_input_size: Optional[int] = None,
 ) -> Path:
     """Read ``src`` (any supported layout), load it into ``model_name``, and write the folder.
 
+    ``config.json`` carries the cfg of ``conversion_cfg`` (``tag`` and the sizes given there).
     An output folder that already holds ``model.safetensors`` or ``config.json`` is refused unless
     ``overwrite``; a folder this call created is removed again if the conversion fails.
     """
@@ -159,6 +194,7 @@ def convert(
     try:
         state = load_checkpoint_file(src)
         model = build_model_from_state(state, model_name, model_kwargs)
+        model.pretrained_cfg = conversion_cfg(model, bool(model_kwargs), tag, input_size, test_input_size)
         meta = {'source': os.path.basename(os.fspath(src)), 'source_layout': detect_layout(state)}
         return save_model_folder(model, out_dir, meta)
     except BaseException:
@@ -176,6 +212,12 @@ def _parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument('--model', required=True, help='timm model name, e.g. nfnet_f0')
     p.add_argument('--model-kwargs', default='{}', help='JSON object of create_model keywords (widths, depths, ...)')
     p.add_argument('--overwrite', action='store_true', help='replace model.safetensors/config.json already in -o')
+    p.add_argument('--tag', help="config.json's pretrained tag (default: the model's release tag, e.g. dm_in1k, "
+                                 'and none when --model-kwargs change the architecture)')
+    p.add_argument('--input-size', type=int, metavar='PX', help='train resolution of the weights (default: the '
+                                                                "model's); sets crop_pct to PX / (PX + 32)")
+    p.add_argument('--test-input-size', type=int, metavar='PX', help='evaluation resolution (default: '
+                                                                     '--input-size if given, else the model\'s)')
     return p.parse_args(argv)
 
 
@@ -190,7 +232,8 @@ def main(argv: Optional[list] = None) -> int:
         print(f'timm-nfnet-convert: --model-kwargs must be a JSON object, got {args.model_kwargs}', file=sys.stderr)
         return 2
     try:
-        out = convert(args.src, args.output, args.model, kwargs, overwrite=args.overwrite)
+        out = convert(args.src, args.output, args.model, kwargs, overwrite=args.overwrite, tag=args.tag,
+                      input_size=args.input_size, test_input_size=args.test_input_size)
     except (CheckpointError, ValueError, TypeError, OSError) as e:
         print(f'timm-nfnet-convert: error: {e}', file=sys.stderr)
         return 1
