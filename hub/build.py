@@ -81,14 +81,17 @@ def _check_round_trip(folder: Path, built: BuiltModel) -> None:
 
 def release_pretrained_cfg(model: torch.nn.Module, release: Release) -> dict:
     """The model's pretrained cfg with the release's resolutions, crops, licence and tag (the part
-    of its repo name after the dot, ``nfnet_f0.dm_in1k`` -> ``dm_in1k``; none without one): what
-    ``config.json`` must carry (a custom release's sizes and tag differ from the architecture's)."""
+    of its repo name after the dot, ``nfnet_f0.dm_in1k`` -> ``dm_in1k``; none without one), and
+    DeepMind's ``origin_url`` for DeepMind's releases only: what ``config.json`` must carry (a
+    custom release's sizes and tag differ from the architecture's)."""
     train, test, chans = release.train_size, release.test_size, getattr(model, 'in_chans', 3)
     cfg = pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test), train / (train + 32),
                                   test / (test + 32), license=release.license)
     cfg.pop('tag', None)
-    if '.' in release.repo_name:
-        cfg['tag'] = release.repo_name.split('.', 1)[1]
+    if release.tag:
+        cfg['tag'] = release.tag
+    if not release.from_deepmind:
+        cfg.pop('origin_url', None)  # the weights do not come from DeepMind's release
     return cfg
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -52,6 +53,11 @@ class Release:
         recipe and cites the accuracy they published."""
         return self.origin == 'deepmind'
 
+    @property
+    def tag(self) -> Optional[str]:
+        """The pretrained tag the repo name carries after its dot (``nfnet_f0.dm_in1k`` -> ``dm_in1k``)."""
+        return self.repo_name.split('.', 1)[1] if '.' in self.repo_name else None
+
     def repo_id(self, namespace: str) -> str:
         """``namespace/repo_name``, the Hub repo this release is published to."""
         from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -65,6 +71,7 @@ class Release:
         return repo_id
 
 
+_TAG = re.compile(r'^[a-z0-9_]+$')
 _REQUIRED = ('model', 'repo_name', 'source', 'train_size', 'test_size', 'params_m')
 
 
@@ -77,6 +84,10 @@ def _release_from_dict(key: str, d: Mapping[str, Any], where: str) -> Release:
     size = src.get('size')
     if size is not None and (not isinstance(size, int) or size <= 0):
         raise ManifestError(f'{where}: release {key!r} has an invalid source size {size!r}')
+    tag = d['repo_name'].split('.', 1)[1] if '.' in d['repo_name'] else None
+    if tag is not None and not _TAG.match(tag):
+        raise ManifestError(f'{where}: release {key!r} has repo name {d["repo_name"]!r}: after its dot comes the '
+                            'pretrained tag, lowercase letters, digits and _ (like nfnet_f0.dm_in1k)')
     return Release(
         key=key,
         model=d['model'],

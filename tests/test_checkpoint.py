@@ -309,6 +309,7 @@ def test_converter_config_describes_the_converted_weights(tmp_path, capsys):
 
     assert convert.main([src, '-o', str(tmp_path / 'plain'), '--model', 'nfnet_f0', *kwargs]) == 0
     assert 'tag' not in cfg('plain')  # not DeepMind's ImageNet release: no dm_in1k
+    assert 'origin_url' not in cfg('plain') and cfg('plain')['paper_ids'] == 'arXiv:2102.06171'  # the architecture's
     assert cfg('plain')['input_size'] == [3, 192, 192]  # the architecture's defaults when none given
     assert convert.main([src, '-o', str(tmp_path / 'sized'), '--model', 'nfnet_f0', *kwargs, '--tag', 'my_data',
                          '--input-size', '48', '--test-input-size', '64']) == 0
@@ -321,9 +322,13 @@ def test_converter_config_describes_the_converted_weights(tmp_path, capsys):
     assert 'tag must be lowercase' in capsys.readouterr().err and not (tmp_path / 'bad').exists()
     assert convert.main([src, '-o', str(tmp_path / 'bad'), '--model', 'nfnet_f0', *kwargs, '--input-size', '0']) == 1
     assert 'input_size must be a positive' in capsys.readouterr().err and not (tmp_path / 'bad').exists()
-    # the registered architecture keeps its release tag and sizes
-    release = timm.create_model('nfnet_f0')
-    assert convert.conversion_cfg(release, custom_architecture=False)['tag'] == 'dm_in1k'
+    # DeepMind's or timm's layout in the registered architecture may be the release: its tag stays
+    release = convert.conversion_cfg(timm.create_model('nfnet_f0'), release_weights=True)
+    assert release['tag'] == 'dm_in1k' and 'deepmind' in release['origin_url']
+    assert convert.is_release_conversion('deepmind', {}) and convert.is_release_conversion('timm', None)
+    assert convert.is_release_conversion('deepmind', dict(num_classes=10, in_chans=1, drop_rate=0.5))
+    assert not convert.is_release_conversion('native', {})  # trained with this package
+    assert not convert.is_release_conversion('deepmind', dict(widths=(64, 128, 192, 192)))
 
 
 def test_converter_refuses_non_finite_weights(tmp_path):

@@ -602,7 +602,7 @@ def test_git_mirror_publish_then_timm_downloads(manifest, mirror_and_server, tmp
 def test_release_config_follows_the_architecture():
     """A custom release's config.json: its sizes and crops, and the model's channels and stride."""
     from timm_nfnet_hub.build import release_pretrained_cfg
-    from timm_nfnet_hub.manifest import _release_from_dict
+    from timm_nfnet_hub.manifest import ManifestError, _release_from_dict
     model = timm.create_model('nfnet_f0', widths=(64, 128, 192), depths=(1, 1, 1), strides=(1, 2, 2),
                               group_width=32, in_chans=1, num_classes=7)
     release = _release_from_dict('r', _release({}, params_m=1.0), 'test')  # train 48, test 64
@@ -615,3 +615,9 @@ def test_release_config_follows_the_architecture():
     assert release_pretrained_cfg(model, custom)['tag'] == 'digits'  # not the architecture's dm_in1k
     untagged = _release_from_dict('r', _release({}, params_m=1.0, repo_name='nfnet-tiny'), 'test')
     assert 'tag' not in release_pretrained_cfg(model, untagged)
+    assert 'origin_url' not in release_pretrained_cfg(model, custom)  # a custom release is not DeepMind's
+    deepmind = _release_from_dict('r', _release({}, params_m=1.0, origin='deepmind'), 'test')
+    assert 'deepmind' in release_pretrained_cfg(model, deepmind)['origin_url']
+    for bad in ('nfnet_f0.DM-In1k', 'x.nfnet_f0.v2'):
+        with pytest.raises(ManifestError, match='after its dot comes the pretrained tag'):
+            _release_from_dict('r', _release({}, params_m=1.0, repo_name=bad), 'test')

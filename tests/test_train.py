@@ -21,7 +21,7 @@ import timm_nfnet_ext.train_checkpoint as ckpt_io
 from timm_nfnet_ext.train import main, weights_fingerprint
 from timm_nfnet_ext.train_data import EpochSampler
 from timm_nfnet_ext.train_recipe import resolve_settings
-from timm_nfnet_ext.train_setup import DistInfo, prepare, resolve_optimizer
+from timm_nfnet_ext.train_setup import DistInfo, TrainError, prepare, resolve_optimizer
 
 from train_helpers import (REPO, TINY, assert_states_equal, child_env, load_ckpt, make_digits_folder, run_ok,
                            torchrun_cmd, train_cmd)
@@ -76,11 +76,20 @@ def test_no_arguments_run_the_quickstart_and_flags_beat_the_recipe():
     assert args.export is None and args.sched_on_updates is False and sources['export'] == 'cli'
     args, _, _ = resolve_settings(['--recipe', 'paper', '--no-model-ema', '--no-amp', '--no-warmup-prefix'])
     assert (args.model_ema, args.amp, args.warmup_prefix) == (False, False, False)
-    # a clipping ratio given as an optimizer keyword replaces the recipe's --agc, not contradicts it
-    for recipe, opt in (('quickstart', 'sgdagc'), ('paper', 'sgdagc'), ('paper', 'sgd')):
-        args, sources, _ = resolve_settings(['--recipe', recipe, '--opt', opt, '--opt-kwargs', 'clipping=0.02'])
-        assert (args.agc, sources['agc']) == (0.02, 'cli')
-        assert resolve_optimizer(args)[1:] == (0.02, dict(clipping=0.02, agc_eps=args.agc_eps))
+    # clipping= / agc_eps= given as optimizer keywords are --agc / --agc-eps: they replace a
+    # recipe's values, and wrap a plain optimizer as --agc does, with or without a recipe
+    for start, opt in ((['--recipe', 'quickstart'], 'sgdagc'), (['--recipe', 'paper'], 'sgdagc'),
+                       (['--recipe', 'paper'], 'sgd'), (['--data-dir', 'D'], 'sgd'), (['--data-dir', 'D'], 'sgdagc')):
+        args, sources, _ = resolve_settings([*start, '--opt', opt, '--opt-kwargs', 'clipping=0.02', 'agc_eps=0.1'])
+        assert (args.agc, sources['agc'], args.agc_eps) == (0.02, 'cli', 0.1)
+        assert resolve_optimizer(args) == ('sgdagc', 0.02, dict(clipping=0.02, agc_eps=0.1))
+    for kwargs, message in ((['clipping=abc'], "clipping='abc': must be a number > 0"),
+                            (['clipping=0'], 'clipping=0: must be a number > 0'),
+                            (['agc_eps=None'], 'agc_eps=None: must be a number > 0')):
+        with pytest.raises(TrainError, match=re.escape(message)):
+            resolve_settings(['--recipe', 'paper', '--opt-kwargs', *kwargs])
+    with pytest.raises(TrainError, match='--agc 0.01 and --opt-kwargs clipping=0.02 disagree'):
+        resolve_settings(['--agc', '0.01', '--opt-kwargs', 'clipping=0.02'])
 
 
 @pytest.mark.parametrize('model,px,drop,level', [('nfnet_f0', 192, 0.2, 5), ('nfnet_f3', 320, 0.4, 15),

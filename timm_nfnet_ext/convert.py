@@ -31,7 +31,8 @@ from timm.models._hub import save_config_for_hf
 from . import __version__
 from .checkpoint import CheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file
 
-__all__ = ['build_model_from_state', 'list_nfnets', 'save_model_folder', 'conversion_cfg', 'convert', 'main']
+__all__ = ['build_model_from_state', 'list_nfnets', 'save_model_folder', 'is_release_conversion', 'conversion_cfg',
+           'convert', 'main']
 
 PathLike = Union[str, os.PathLike]
 
@@ -144,15 +145,27 @@ def pretrained_cfg_for_data(model: nn.Module, input_size: Sequence[int], test_in
 _TAG = re.compile(r'^[a-z0-9_]+$')
 
 
-def conversion_cfg(model: nn.Module, custom_architecture: bool, tag: Optional[str] = None,
+# keywords that leave the architecture (and so which weights it holds) as registered
+_SAME_ARCHITECTURE = frozenset({'drop_rate', 'drop_path_rate', 'num_classes', 'in_chans', 'global_pool'})
+
+
+def is_release_conversion(layout: str, model_kwargs: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a conversion may be DeepMind's released weights: read from DeepMind's or timm's
+    ``dm_nfnet`` layout into the registered architecture (only a head, input channels or
+    regularisation changed). This package's own layout holds weights trained with it."""
+    return layout in ('deepmind', 'timm') and not set(model_kwargs or {}) - _SAME_ARCHITECTURE
+
+
+def conversion_cfg(model: nn.Module, release_weights: bool, tag: Optional[str] = None,
                    input_size: Optional[int] = None, test_input_size: Optional[int] = None) -> Dict[str, Any]:
     """The pretrained cfg a conversion's ``config.json`` carries.
 
-    The registered model's own cfg (its release tag, e.g. ``dm_in1k``, and its sizes and crops)
-    describes DeepMind's released weights. A ``custom_architecture`` (changed by ``model_kwargs``)
-    holds weights that release did not make, so its tag is dropped unless ``tag`` names one.
+    The registered model's own cfg (its release tag, e.g. ``dm_in1k``, DeepMind's ``origin_url``,
+    its sizes and crops) describes DeepMind's released weights, so only ``release_weights``
+    (``is_release_conversion``) keep its tag and origin; ``tag`` names another one.
     ``input_size`` / ``test_input_size`` (pixels; the test size defaults to the train size) set
-    the sizes and crops (``S / (S + 32)``) the weights were trained and are evaluated at.
+    the sizes and crops (``S / (S + 32)``, as the reference evaluates) the weights were trained
+    and are evaluated at.
     """
     if tag is not None and not _TAG.match(tag):
         raise ValueError(f'tag must be lowercase letters, digits and _ (like dm_in1k), got {tag!r}')
@@ -166,10 +179,11 @@ def conversion_cfg(model: nn.Module, custom_architecture: bool, tag: Optional[st
         test = test_input_size if test_input_size is not None else train
         cfg = pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test), train / (train + 32),
                                       test / (test + 32))
+    if not release_weights:
+        cfg.pop('tag', None)
+        cfg.pop('origin_url', None)
     if tag is not None:
         cfg['tag'] = tag
-    elif custom_architecture:
-        cfg.pop('tag', None)
     return cfg
 
 
@@ -194,8 +208,10 @@ def convert(
     try:
         state = load_checkpoint_file(src)
         model = build_model_from_state(state, model_name, model_kwargs)
-        model.pretrained_cfg = conversion_cfg(model, bool(model_kwargs), tag, input_size, test_input_size)
-        meta = {'source': os.path.basename(os.fspath(src)), 'source_layout': detect_layout(state)}
+        layout = detect_layout(state)
+        model.pretrained_cfg = conversion_cfg(model, is_release_conversion(layout, model_kwargs), tag, input_size,
+                                              test_input_size)
+        meta = {'source': os.path.basename(os.fspath(src)), 'source_layout': layout}
         return save_model_folder(model, out_dir, meta)
     except BaseException:
         remove_empty_folders(created)  # nothing is left behind by a failed conversion
@@ -213,7 +229,7 @@ def _parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument('--model-kwargs', default='{}', help='JSON object of create_model keywords (widths, depths, ...)')
     p.add_argument('--overwrite', action='store_true', help='replace model.safetensors/config.json already in -o')
     p.add_argument('--tag', help="config.json's pretrained tag (default: the model's release tag, e.g. dm_in1k, "
-                                 'and none when --model-kwargs change the architecture)')
+                                 "for DeepMind's or timm's layout in the registered architecture; else none)")
     p.add_argument('--input-size', type=int, metavar='PX', help='train resolution of the weights (default: the '
                                                                 "model's); sets crop_pct to PX / (PX + 32)")
     p.add_argument('--test-input-size', type=int, metavar='PX', help='evaluation resolution (default: '

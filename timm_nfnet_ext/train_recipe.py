@@ -279,14 +279,28 @@ def resolve_settings(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Nam
                          'clipped units at every step']
     if 'data_dir' in given and 'dataset' not in given:
         recipe.pop('dataset', None)  # your folder, not the recipe's built-in data
-    if 'agc' in recipe and 'agc' not in given and 'clipping' in given.get('opt_kwargs', {}):
-        given['agc'] = given['opt_kwargs']['clipping']  # your clipping ratio, not the recipe's
+    _agc_from_opt_kwargs(given)
     settings: Dict[str, Any] = {**DEFAULTS, **recipe, **given}
     sources = {k: 'cli' if k in given else f'recipe {recipe_name}' if k in recipe else 'default'
                for k in settings}
     settings.pop('quickstart', None)
     sources.pop('quickstart', None)
     return argparse.Namespace(**settings), sources, notes
+
+
+def _agc_from_opt_kwargs(given: Dict[str, Any]) -> None:
+    """``clipping=`` / ``agc_eps=`` in ``--opt-kwargs`` are ``--agc`` / ``--agc-eps`` given another
+    way: they replace a recipe's values (and wrap a plain optimizer with AGC, as ``--agc`` does)."""
+    opt_kwargs = given.get('opt_kwargs', {})
+    for key, dest, flag in (('clipping', 'agc', '--agc'), ('agc_eps', 'agc_eps', '--agc-eps')):
+        if key not in opt_kwargs:
+            continue
+        value = opt_kwargs[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise TrainError(f'--opt-kwargs {key}={value!r}: must be a number > 0')
+        if dest in given and given[dest] != value:
+            raise TrainError(f'{flag} {given[dest]} and --opt-kwargs {key}={value} disagree')
+        given[dest] = value
 
 
 def _sys_argv() -> List[str]:
