@@ -165,6 +165,122 @@ def test_features_only_and_forward_intermediates_agree():
     assert m.forward_intermediates(x, indices=[2], intermediates_only=True)[0].shape == inter[2].shape
 
 
+TINY = dict(widths=(64, 128, 192, 192), depths=(1, 2, 2, 1), group_width=32, num_classes=10)
+
+
+def test_torch_fx_feature_extraction():
+    """timm's fx paths (features_only with feature_cls='fx', create_feature_extractor,
+    get_graph_node_names) trace the model, in eval and in training (stochastic depth)."""
+    from timm.models import create_feature_extractor, get_graph_node_names
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(3)
+    fx = timm.create_model('nfnet_f0', features_only=True, feature_cls='fx', **TINY).eval()
+    torch.manual_seed(3)
+    hooks = timm.create_model('nfnet_f0', features_only=True, **TINY).eval()
+    with torch.no_grad():
+        for a, b in zip(fx(x), hooks(x), strict=True):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='too small'):
+        fx(torch.randn(1, 3, 16, 16))
+    m = tiny_model(drop_path_rate=0.5).train()
+    train_nodes = get_graph_node_names(m)[0]
+    assert 'check_input' in train_nodes and any(n.startswith('stages.3.0.conv1b') for n in train_nodes)
+    extractor = create_feature_extractor(m, {'stages.1': 'mid', 'stages.3': 'deep'})
+    torch.manual_seed(5)
+    out = extractor(x)
+    torch.manual_seed(5)  # the same stochastic depth draws as the module forward
+    ref = m.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+    assert torch.equal(out['mid'], ref) and out['deep'].shape == (2, 192, 2, 2)
+    out['deep'].sum().backward()
+    assert m.stem.conv0.weight.grad is not None
+
+
+@pytest.mark.parametrize('grad', [True, False])
+def test_torch_jit_trace(grad):
+    """torch.jit.trace (and so timm's ONNX export) records ATen's ops: the hand-written CPU GELU
+    steps aside while tracing, with or without autograd, and for the fused model."""
+    m = tiny_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(m, x, check_trace=False)
+        torch.testing.assert_close(traced(x), m(x), atol=1e-5, rtol=0)
+    fused = timm.utils.reparameterize_model(m)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.trace(fused, x, check_trace=False)(x), m(x), atol=1e-5, rtol=0)
+
+
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    """torch.onnx.export (the TorchScript exporter, as timm's onnx_export uses): the fused model
+    as is, the unfused one without the exporter's constant folding (with it, torch's exporter
+    writes a graph onnxruntime rejects)."""
+    import numpy as np
+    import onnxruntime
+    m = tiny_model().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = m(x).numpy()
+        for name, model, folding in (('fused', timm.utils.reparameterize_model(m), True), ('plain', m, False)):
+            path = tmp_path / f'{name}.onnx'
+            torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=['x'], do_constant_folding=folding)
+            out = onnxruntime.InferenceSession(str(path)).run(None, {'x': x.numpy()})[0]
+            assert np.abs(out - expected).max() < 1e-5, name
+
+
+def test_output_stride_dilates_the_last_stages():
+    """timm's output_stride: the strides beyond it become dilation, the weights keep their
+    shapes (pretrained checkpoints load), and the features match timm's dm_nfnet_f0's scheme."""
+    x = torch.randn(1, 3, 64, 64)
+    for output_stride, reductions in ((32, [2, 4, 8, 16, 32]), (16, [2, 4, 8, 16, 16]), (8, [2, 4, 8, 8, 8])):
+        torch.manual_seed(0)
+        m = tiny_model(output_stride=output_stride).eval()
+        assert [f['reduction'] for f in m.feature_info] == reductions and m.min_input_size == reductions[-1]
+        assert m.forward_features(x).shape[-1] == 64 // output_stride
+        with torch.no_grad():
+            torch.testing.assert_close(timm.utils.reparameterize_model(m)(x), m(x), atol=1e-5, rtol=0)
+        feat = timm.create_model('nfnet_f0', features_only=True, output_stride=output_stride, **TINY)
+        assert feat.feature_info.reduction() == reductions
+        assert [64 // o.shape[-1] for o in feat(x)] == reductions
+    dilated = _meta_model('nfnet_f0', output_stride=8)
+    assert {k: v.shape for k, v in dilated.state_dict().items()} == \
+        {k: v.shape for k, v in _meta_model('nfnet_f0').state_dict().items()}
+    assert dilated.stages[3][0].conv1.dilation == (2, 2) and dilated.stages[3][0].conv1b.dilation == (4, 4)
+    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'):
+        tiny_model(output_stride=4)
+
+
+def test_output_stride_follows_timm_dm_nfnet():
+    """With the same weights, ours and timm's dm_nfnet_f0 differ as much at output_stride 16 and
+    8 as at 32 (timm's port: erf-GELU, its padding): the same dilations and pools."""
+    from timm_nfnet_ext.checkpoint import checkpoint_filter_fn
+    x = torch.randn(1, 3, 64, 64)
+    gaps = {}
+    for output_stride in (32, 16, 8):
+        torch.manual_seed(0)
+        theirs = timm.create_model('dm_nfnet_f0', output_stride=output_stride).eval()
+        with torch.no_grad():
+            for p in theirs.parameters():
+                if p.ndim == 0:
+                    p.fill_(0.3)  # every residual branch counts
+        ours = timm.create_model('nfnet_f0', output_stride=output_stride).eval()
+        ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours))
+        with torch.no_grad():
+            a, b = theirs.forward_features(x), ours.forward_features(x)
+        assert a.shape == b.shape
+        gaps[output_stride] = ((a - b).norm() / a.norm()).item()
+    assert gaps[32] < 0.1 and gaps[16] < 2 * gaps[32] and gaps[8] < 2 * gaps[32], gaps
+
+
+def test_timm_act_layer_keyword_and_out_indices_errors():
+    assert tiny_model(act_layer='relu').cfg.activation == 'relu'
+    with pytest.raises(TypeError, match='act_layer must be an activation name'):
+        tiny_model(act_layer=torch.nn.GELU)
+    with pytest.raises(TypeError, match='disagree'):
+        tiny_model(act_layer='relu', activation='silu')
+    with pytest.raises(ValueError, match='out_indices selects no feature'):
+        timm.create_model('nfnet_f0', features_only=True, out_indices=-1, **TINY)
+    assert timm.create_model('nfnet_f0', features_only=True, out_indices=2, **TINY).feature_info.reduction() == [16, 32]
+
+
 def test_group_matcher_covers_every_parameter():
     m = tiny_model()
     groups = group_parameters(m, m.group_matcher())

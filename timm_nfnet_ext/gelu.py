@@ -68,6 +68,8 @@ def _fast_cpu_dense(x: torch.Tensor) -> bool:
     touch: no functorch wrapper (vmap, grad), no forward-AD tangent."""
     if not _fast_cpu_gelu_enabled or x.device.type != 'cpu' or x.dtype != torch.float32:
         return False
+    if torch.jit.is_tracing():  # torch.jit.trace / ONNX export record ATen's GELU, not our passes
+        return False
     if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return False
     if _is_functorch_wrapped(x):
@@ -174,7 +176,7 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     - while ``torch.compile`` traces for a CPU, that form is given to inductor, whose fused loop
       then runs on ``exp`` (F0 compiled inference, batch 8, 256 px: ~12% faster end to end).
     Everything else (other devices and dtypes, non-dense layouts, functorch and forward-AD
-    tensors, ``fast_cpu_gelu(False)``) uses ATen's kernels.
+    tensors, ``torch.jit.trace`` and ONNX export, ``fast_cpu_gelu(False)``) uses ATen's kernels.
     """
     if _is_compiling():
         return _gelu_tanh_sigmoid(x) if x.device.type == 'cpu' else F.gelu(x, approximate='tanh')

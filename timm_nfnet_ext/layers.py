@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm.layers import register_notrace_module
+
 from .gelu import fast_cpu_gelu, gelu_tanh
 
 __all__ = [
@@ -102,6 +104,9 @@ def get_act_fn(name: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], float
     return _ACT_FNS[name], GAMMAS[name]
 
 
+# torch.fx leaf (timm's feature extraction): its in-place and hand-written CPU paths branch on
+# autograd state that symbolic tracing cannot follow
+@register_notrace_module
 class Activation(nn.Module):
     """An activation of the gamma table; ``scale`` multiplies the output (1.0 when folded away).
 
@@ -163,12 +168,17 @@ def same_conv_input(x: torch.Tensor, kernel: Tuple[int, int], stride: int) -> Tu
 
 def conv2d_same(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
+        dilation: int = 1,
 ) -> torch.Tensor:
-    """``F.conv2d`` with XLA 'SAME' padding (see ``same_conv_input``)."""
-    x, padding = same_conv_input(x, weight.shape[-2:], stride)
-    return F.conv2d(x, weight, bias, stride, padding, 1, groups)
+    """``F.conv2d`` with XLA 'SAME' padding (see ``same_conv_input``; a dilated kernel pads as
+    its dilated extent ``dilation * (k - 1) + 1``)."""
+    extent = [dilation * (k - 1) + 1 for k in weight.shape[-2:]]
+    x, padding = same_conv_input(x, extent, stride)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+# torch.fx leaf: its 'SAME' padding depends on the input size
+@register_notrace_module
 class SameConv2d(nn.Conv2d):
     """A plain ``nn.Conv2d`` with XLA 'SAME' padding decided from the input size.
 
@@ -177,7 +187,7 @@ class SameConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups)
+        return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups, self.dilation[0])
 
 
 _functorch_active = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
@@ -258,13 +268,15 @@ def standardize_weight(weight: torch.Tensor, gain: torch.Tensor, input_scale: fl
     """DeepMind's scaled weight standardisation (see ``WSConv2d``), float32 math.
 
     CPU: the hand-written autograd function (fewer passes over the weights; ATen's CPU
-    ``var_mean`` is slow). Elsewhere, and under ``torch.func`` transforms: the plain expression,
+    ``var_mean`` is slow). Elsewhere, under ``torch.func`` transforms and while ``torch.jit.trace``
+    or ONNX export records the model: the plain expression,
     as the function's fast backward branch syncs with the host to test the eps floor. (On a
     GPU an ``NFNet`` standardises its weights in groups by default, ``grouped_ws.py``; this
     per-conv path runs where grouping is off.)
     """
     with torch.autocast(device_type=weight.device.type, enabled=False):
-        if weight.device.type == 'cpu' and not _functorch_active():  # (the function has no vmap rule)
+        # (the function has no vmap rule; torch.jit.trace / ONNX export record the plain expression)
+        if weight.device.type == 'cpu' and not _functorch_active() and not torch.jit.is_tracing():
             return _StandardizeWeight.apply(weight, gain, input_scale, eps)
         return _standardize_weight_autograd(weight, gain, input_scale, eps)
 
@@ -278,6 +290,8 @@ class _GroupedWeights(threading.local):
 GROUPED = _GroupedWeights()
 
 
+# torch.fx leaf: 'SAME' padding from the input size, and per-thread grouped weights
+@register_notrace_module
 class WSConv2d(nn.Conv2d):
     """DeepMind's scaled weight-standardised conv (``WSConv2D``) with 'SAME' padding.
 
@@ -296,8 +310,10 @@ class WSConv2d(nn.Conv2d):
             groups: int = 1,
             input_scale: float = 1.0,
             eps: float = 1e-4,
+            dilation: int = 1,
     ):
-        super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=0, groups=groups, bias=True)
+        super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=0, dilation=dilation, groups=groups,
+                         bias=True)
         self.gain = nn.Parameter(torch.ones(out_chs))
         self.input_scale = float(input_scale)
         self.eps = eps
@@ -320,8 +336,8 @@ class WSConv2d(nn.Conv2d):
         take = None if torch.compiler.is_compiling() else GROUPED.take
         packed = take(self) if take is not None else None  # this conv's weight, standardised with its group
         if packed is not None:
-            return conv2d_same(x, packed[0], packed[1], self.stride[0], self.groups)
-        return conv2d_same(x, self.standardized_weight(), self.bias, self.stride[0], self.groups)
+            return conv2d_same(x, packed[0], packed[1], self.stride[0], self.groups, self.dilation[0])
+        return conv2d_same(x, self.standardized_weight(), self.bias, self.stride[0], self.groups, self.dilation[0])
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
@@ -331,11 +347,13 @@ class WSConv2d(nn.Conv2d):
         strided convs keep size-dependent 'SAME' padding (``SameConv2d``). The weight is stored
         channels_last (see below).
         """
-        k = self.kernel_size[0]
+        k, d = self.kernel_size[0], self.dilation[0]
         if self.stride[0] == 1 and k % 2 == 1:
-            conv = nn.Conv2d(self.in_channels, self.out_channels, k, padding=k // 2, groups=self.groups)
+            conv = nn.Conv2d(self.in_channels, self.out_channels, k, padding=d * (k // 2), dilation=d,
+                             groups=self.groups)
         else:
-            conv = SameConv2d(self.in_channels, self.out_channels, k, stride=self.stride, groups=self.groups)
+            conv = SameConv2d(self.in_channels, self.out_channels, k, stride=self.stride, dilation=d,
+                              groups=self.groups)
         # channels_last weights: oneDNN (CPU) and cuDNN (GPU) then run the conv in NHWC, their
         # fastest layout, whatever the input's layout (outputs are then channels_last too).
         conv = conv.to(device=self.weight.device, dtype=self.weight.dtype, memory_format=torch.channels_last)
@@ -387,7 +405,8 @@ class StochasticDepthMask(nn.Module):
         if not self.training or self.rate == 0.0:
             return None
         keep = 1.0 - self.rate
-        return torch.floor(keep + torch.rand(x.shape[0], 1, dtype=x.dtype, device=x.device))
+        # torch.rand's own draw (empty + uniform_), written so torch.fx can trace the batch size
+        return torch.floor(keep + x.new_empty(x.shape[0], 1).uniform_())
 
     def extra_repr(self) -> str:
         return f'rate={self.rate:.4g}'

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead
+from timm.layers import ClassifierHead, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
@@ -132,6 +132,8 @@ class NFBlock(nn.Module):
             se_ratio: float,
             activation: str,
             drop_path_rate: float,
+            dilation: int = 1,
+            first_dilation: Optional[int] = None,
     ):
         super().__init__()
         _, gamma = get_act_fn(activation)
@@ -143,14 +145,22 @@ class NFBlock(nn.Module):
         self.beta, self.alpha = beta, alpha
         self.act_in = Activation(activation)  # its input is also the identity shortcut: never in place
         self.act = Activation(activation, inplace=True)  # on conv outputs nothing else reads
-        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
-        # 'SAME' 2x2/2 avg pool == ceil_mode pooling that divides by the valid count.
+        first_dilation = dilation if first_dilation is None else first_dilation
+        transition = stride > 1 or in_chs != out_chs or dilation != first_dilation
+        self.pool = None
+        if stride > 1:  # 'SAME' 2x2/2 avg pool == ceil_mode pooling that divides by the valid count
+            self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+        elif transition and dilation > 1:  # a stride turned into dilation: timm's 2x2/1 zero-padded pool
+            self.pool = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, 1))
         self.conv_shortcut = None
-        if stride > 1 or in_chs != out_chs:
+        if transition:
             self.conv_shortcut = WSConv2d(in_chs, out_chs, 1, input_scale=gamma * beta)
         self.conv0 = WSConv2d(in_chs, width, 1, input_scale=gamma * beta)
-        self.conv1 = WSConv2d(width, width, 3, stride=stride, groups=groups, input_scale=gamma)
-        self.conv1b = WSConv2d(width, width, 3, groups=groups, input_scale=gamma) if use_two_convs else None
+        # with output_stride, a stage's stride becomes dilation (timm's rule: the stage's first 3x3
+        # keeps the previous dilation, the convs after it take the new one)
+        self.conv1 = WSConv2d(width, width, 3, stride=stride, groups=groups, input_scale=gamma, dilation=first_dilation)
+        self.conv1b = WSConv2d(width, width, 3, groups=groups, input_scale=gamma,
+                               dilation=dilation) if use_two_convs else None
         self.conv2 = WSConv2d(width, out_chs, 1, input_scale=gamma)
         self.se = SqueezeExcite(out_chs, se_ratio)
         self.drop_path = StochasticDepthMask(drop_path_rate)
@@ -178,6 +188,7 @@ class NFBlock(nn.Module):
         return torch.addcmul(shortcut, out, scale[:, :, None, None])
 
 
+@register_notrace_function  # a leaf for torch.fx: it checks concrete shapes
 def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
     """Raise a ``ValueError`` naming what is wrong with an NCHW input batch."""
     if x.ndim != 4:
@@ -190,6 +201,21 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
             f'{min_size}x{min_size} (its total stride)')
 
 
+def _activation_alias(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """timm's ``act_layer`` keyword, by name, as this architecture's ``activation``: DeepMind's
+    gamma table needs a name it knows (``gelu``, ``relu``, ``silu``, ...), not a layer class."""
+    if 'act_layer' not in kwargs:
+        return kwargs
+    kwargs = dict(kwargs)
+    act = kwargs.pop('act_layer')
+    if not isinstance(act, str):
+        raise TypeError(f'act_layer must be an activation name of the gamma table (e.g. "relu"), got {act!r}')
+    if kwargs.get('activation', act) != act:
+        raise TypeError(f"act_layer={act!r} and activation={kwargs['activation']!r} disagree")
+    kwargs['activation'] = act
+    return kwargs
+
+
 class NFNet(nn.Module):
     """Normalizer-Free Network (DeepMind's ``NFNet``) with timm's model interface.
 
@@ -198,6 +224,8 @@ class NFNet(nn.Module):
         num_classes: classifier outputs (0 for none).
         in_chans: input channels.
         global_pool: timm pooling type of the head ('avg' is the reference).
+        output_stride: 32 (the architecture's own total stride), or 16 / 8 for denser features:
+            the strides of the stages beyond it become dilation (timm's ``output_stride``).
         **overrides: any ``NfNetCfg`` field (widths, depths, group_width, use_two_convs,
             activation, alpha, se_ratio, drop_rate, drop_path_rate, ...).
     """
@@ -209,9 +237,11 @@ class NFNet(nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
+            output_stride: int = 32,
             **overrides: Any,
     ):
         super().__init__()
+        overrides = _activation_alias(overrides)
         unknown = sorted(set(overrides) - CFG_FIELDS)
         if unknown:
             raise TypeError(
@@ -242,14 +272,20 @@ class NFNet(nn.Module):
         self.feature_info = [dict(num_chs=s2, reduction=2, module='stem.conv2')]
 
         num_blocks, index, expected_std = sum(cfg.depths), 0, 1.0
-        in_chs, reduction, stages = stem_out, 4, []
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride!r}')
+        in_chs, reduction, dilation, stages = stem_out, 4, 1, []
         stage_args = zip(cfg.depths, cfg.widths, cfg.strides, cfg.per_stage('group_width'), cfg.per_stage('expansion'))
         for stage_idx, (depth, width, stride, group_width, expansion) in enumerate(stage_args):
-            blocks = []
+            blocks, first_dilation = [], dilation
+            if reduction * stride > output_stride:
+                dilation, stride = dilation * stride, 1
             for block_idx in range(depth):
                 blocks.append(NFBlock(
                     in_chs, width,
                     stride=stride if block_idx == 0 else 1,
+                    dilation=dilation,
+                    first_dilation=first_dilation if block_idx == 0 else dilation,
                     beta=1.0 / expected_std,
                     alpha=cfg.alpha,
                     group_width=group_width,
@@ -472,7 +508,11 @@ def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.M
 def _check_inputs_of(features: nn.Module, in_chans: int) -> None:
     """The input check of ``forward_features`` for timm's feature wrappers (list/dict/hook),
     as a forward pre-hook; the minimum size is the deepest returned feature's stride."""
-    features.register_forward_pre_hook(_InputCheck(in_chans, max(features.feature_info.reduction())))
+    reductions = features.feature_info.reduction()
+    if not reductions:
+        raise ValueError('features_only: out_indices selects no feature (a tuple of indices into the 5 taps, '
+                         'e.g. (1, 2, 3, 4), or an int n for the last n)')
+    features.register_forward_pre_hook(_InputCheck(in_chans, max(reductions)))
 
 
 class _InputCheck:
