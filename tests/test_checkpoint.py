@@ -326,7 +326,8 @@ def test_converter_config_describes_the_converted_weights(tmp_path, capsys):
     release = convert.conversion_cfg(timm.create_model('nfnet_f0'), release_weights=True)
     assert release['tag'] == 'dm_in1k' and 'deepmind' in release['origin_url']
     assert convert.is_release_conversion('deepmind', {}) and convert.is_release_conversion('timm', None)
-    assert convert.is_release_conversion('deepmind', dict(num_classes=10, in_chans=1, drop_rate=0.5))
+    assert convert.is_release_conversion('deepmind', dict(num_classes=10, in_chans=1, drop_rate=0.5, output_stride=16))
+    assert not convert.is_release_conversion('deepmind', dict(activation='relu'))
     assert not convert.is_release_conversion('native', {})  # trained with this package
     assert not convert.is_release_conversion('deepmind', dict(widths=(64, 128, 192, 192)))
 

@@ -1,4 +1,5 @@
 """The registry, configs and the timm model contract of the NFNet family."""
+import io
 import subprocess
 import sys
 
@@ -193,6 +194,10 @@ def test_torch_fx_feature_extraction():
     assert torch.equal(out['mid'], ref) and out['deep'].shape == (2, 192, 2, 2)
     out['deep'].sum().backward()
     assert m.stem.conv0.weight.grad is not None
+    # grouped weight standardisation (the CUDA default) steps aside while fx traces
+    m.set_grouped_ws(True)
+    torch.testing.assert_close(create_feature_extractor(m.eval(), {'stages.1': 'mid'})(x)['mid'],
+                               m.forward_intermediates(x, indices=[2], intermediates_only=True)[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('grad', [True, False])
@@ -207,6 +212,13 @@ def test_torch_jit_trace(grad):
     fused = timm.utils.reparameterize_model(m)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.trace(fused, x, check_trace=False)(x), m(x), atol=1e-5, rtol=0)
+    m.set_grouped_ws(True)  # the CUDA default: a trace records each conv's own expression, and saves
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(m, x, check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), m(x), atol=1e-5, rtol=0)
 
 
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
@@ -246,6 +258,10 @@ def test_output_stride_dilates_the_last_stages():
     assert dilated.stages[3][0].conv1.dilation == (2, 2) and dilated.stages[3][0].conv1b.dilation == (4, 4)
     with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'):
         tiny_model(output_stride=4)
+    # without output_stride, a config with a larger total stride keeps its strides
+    five = dict(depths=(1, 1, 1, 1), strides=(2, 2, 2, 2))
+    assert [f['reduction'] for f in tiny_model(**five).feature_info] == [2, 8, 16, 32, 64]
+    assert [f['reduction'] for f in tiny_model(output_stride=32, **five).feature_info] == [2, 8, 16, 32, 32]
 
 
 def test_output_stride_follows_timm_dm_nfnet():

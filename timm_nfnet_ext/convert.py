@@ -146,13 +146,14 @@ _TAG = re.compile(r'^[a-z0-9_]+$')
 
 
 # keywords that leave the architecture (and so which weights it holds) as registered
-_SAME_ARCHITECTURE = frozenset({'drop_rate', 'drop_path_rate', 'num_classes', 'in_chans', 'global_pool'})
+_SAME_ARCHITECTURE = frozenset({'drop_rate', 'drop_path_rate', 'num_classes', 'in_chans', 'global_pool',
+                                'output_stride'})
 
 
 def is_release_conversion(layout: str, model_kwargs: Optional[Mapping[str, Any]]) -> bool:
     """Whether a conversion may be DeepMind's released weights: read from DeepMind's or timm's
-    ``dm_nfnet`` layout into the registered architecture (only a head, input channels or
-    regularisation changed). This package's own layout holds weights trained with it."""
+    ``dm_nfnet`` layout into the registered architecture (only a head, input channels,
+    regularisation or ``output_stride`` changed). This package's own layout holds weights trained with it."""
     return layout in ('deepmind', 'timm') and not set(model_kwargs or {}) - _SAME_ARCHITECTURE
 
 

@@ -224,8 +224,9 @@ class NFNet(nn.Module):
         num_classes: classifier outputs (0 for none).
         in_chans: input channels.
         global_pool: timm pooling type of the head ('avg' is the reference).
-        output_stride: 32 (the architecture's own total stride), or 16 / 8 for denser features:
-            the strides of the stages beyond it become dilation (timm's ``output_stride``).
+        output_stride: None (the architecture's own strides), or 32 / 16 / 8: the strides of the
+            stages beyond it become dilation (timm's ``output_stride``; 32 changes only
+            configs whose total stride is larger).
         **overrides: any ``NfNetCfg`` field (widths, depths, group_width, use_two_convs,
             activation, alpha, se_ratio, drop_rate, drop_path_rate, ...).
     """
@@ -237,7 +238,7 @@ class NFNet(nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
-            output_stride: int = 32,
+            output_stride: Optional[int] = None,
             **overrides: Any,
     ):
         super().__init__()
@@ -272,13 +273,13 @@ class NFNet(nn.Module):
         self.feature_info = [dict(num_chs=s2, reduction=2, module='stem.conv2')]
 
         num_blocks, index, expected_std = sum(cfg.depths), 0, 1.0
-        if output_stride not in (8, 16, 32):
+        if output_stride not in (None, 8, 16, 32):
             raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride!r}')
         in_chs, reduction, dilation, stages = stem_out, 4, 1, []
         stage_args = zip(cfg.depths, cfg.widths, cfg.strides, cfg.per_stage('group_width'), cfg.per_stage('expansion'))
         for stage_idx, (depth, width, stride, group_width, expansion) in enumerate(stage_args):
             blocks, first_dilation = [], dilation
-            if reduction * stride > output_stride:
+            if output_stride is not None and reduction * stride > output_stride:
                 dilation, stride = dilation * stride, 1
             for block_idx in range(depth):
                 blocks.append(NFBlock(
@@ -349,6 +350,8 @@ class NFNet(nn.Module):
     def _use_grouped_ws(self) -> bool:
         if (self.grad_checkpointing and self.training) or torch.compiler.is_compiling():
             return False
+        if torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_tracing():
+            return False  # a trace records each conv's own expression (the grouped function is Python)
         if _functorch_active() or torch.autograd.forward_ad._current_level >= 0:
             return False  # the hand-written autograd function has no vmap or forward-AD rule
         if self.grouped_ws is not None:
