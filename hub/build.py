@@ -17,7 +17,7 @@ from typing import List, Optional, Union
 import torch
 
 from timm_nfnet_ext import __version__ as EXT_VERSION
-from timm_nfnet_ext.convert import pretrained_cfg_for_data, save_model_folder
+from timm_nfnet_ext.convert import conversion_cfg, save_model_folder
 
 from .card import render_card
 from .manifest import Release
@@ -80,18 +80,13 @@ def _check_round_trip(folder: Path, built: BuiltModel) -> None:
 
 
 def release_pretrained_cfg(model: torch.nn.Module, release: Release) -> dict:
-    """The model's pretrained cfg with the release's resolutions, crops, licence and tag (the part
-    of its repo name after the dot, ``nfnet_f0.dm_in1k`` -> ``dm_in1k``; none without one), and
-    DeepMind's ``origin_url`` for DeepMind's releases only: what ``config.json`` must carry (a
-    custom release's sizes and tag differ from the architecture's)."""
-    train, test, chans = release.train_size, release.test_size, getattr(model, 'in_chans', 3)
-    cfg = pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test), train / (train + 32),
-                                  test / (test + 32), license=release.license)
-    cfg.pop('tag', None)
-    if release.tag:
-        cfg['tag'] = release.tag
-    if not release.from_deepmind:
-        cfg.pop('origin_url', None)  # the weights do not come from DeepMind's release
+    """What ``config.json`` must carry: the conversion's cfg (``conversion_cfg``: DeepMind's
+    tag and ``origin_url`` only for DeepMind's releases) at the release's sizes and crops, with
+    its licence and the tag its repo name carries (none without one)."""
+    cfg = conversion_cfg(model, release.from_deepmind, release.tag, release.train_size, release.test_size)
+    if release.tag is None:
+        cfg.pop('tag', None)
+    cfg['license'] = release.license
     return cfg
 
 

@@ -71,6 +71,7 @@ class Release:
         return repo_id
 
 
+# timm-nfnet-convert's --tag rule, repeated so that reading a manifest does not import torch
 _TAG = re.compile(r'^[a-z0-9_]+$')
 _REQUIRED = ('model', 'repo_name', 'source', 'train_size', 'test_size', 'params_m')
 
@@ -84,11 +85,7 @@ def _release_from_dict(key: str, d: Mapping[str, Any], where: str) -> Release:
     size = src.get('size')
     if size is not None and (not isinstance(size, int) or size <= 0):
         raise ManifestError(f'{where}: release {key!r} has an invalid source size {size!r}')
-    tag = d['repo_name'].split('.', 1)[1] if '.' in d['repo_name'] else None
-    if tag is not None and not _TAG.match(tag):
-        raise ManifestError(f'{where}: release {key!r} has repo name {d["repo_name"]!r}: after its dot comes the '
-                            'pretrained tag, lowercase letters, digits and _ (like nfnet_f0.dm_in1k)')
-    return Release(
+    release = Release(
         key=key,
         model=d['model'],
         repo_name=d['repo_name'],
@@ -108,6 +105,10 @@ def _release_from_dict(key: str, d: Mapping[str, Any], where: str) -> Release:
         timm_model=timm_src.get('model'),
         origin=_origin(d.get('origin', 'custom'), key, where),
     )
+    if release.tag is not None and not _TAG.match(release.tag):
+        raise ManifestError(f'{where}: release {key!r} has repo name {release.repo_name!r}: after its dot comes '
+                            'the pretrained tag, lowercase letters, digits and _ (like nfnet_f0.dm_in1k)')
+    return release
 
 
 def _origin(value: Any, key: str, where: str) -> str:
