@@ -101,11 +101,13 @@ def _jpeg_header(data: bytes, where: str) -> Tuple[bytes, int, bool]:
     warning), the number of colour components in the frame header, and whether an Adobe APP14
     segment was seen (libjpeg's ``saw_Adobe_marker``: 'Adobe' and at least 12 bytes of data).
     """
-    out = bytearray(data[:2])
-    pos, components, adobe, n = 2, 0, False, len(data)
+    kept = []  # (start, end) of each segment; rebuilt only when stray bytes sit between them
+    pos, components, adobe, stray, n = 2, 0, False, False, len(data)
     while True:
+        start = pos
         while pos < n and data[pos] != 0xFF:  # libjpeg's next_marker: stray bytes are skipped
             pos += 1
+        stray = stray or pos > start
         while pos < n and data[pos] == 0xFF:  # fill bytes
             pos += 1
         if pos >= n:
@@ -113,7 +115,10 @@ def _jpeg_header(data: bytes, where: str) -> Tuple[bytes, int, bool]:
         marker = data[pos]
         pos += 1
         if marker == 0xDA:  # start of scan: the rest is image data
-            return bytes(out) + b'\xff\xda' + data[pos:], components, adobe
+            if not stray:
+                return data, components, adobe
+            segments = b''.join(data[a:b] for a, b in kept)
+            return data[:2] + segments + data[pos - 2:], components, adobe
         if marker in (0xD8, 0xD9):
             raise ImageDecodeError(f'{where}: corrupt JPEG (marker 0x{marker:02x} before any '
                                    'image data)')
@@ -121,16 +126,15 @@ def _jpeg_header(data: bytes, where: str) -> Tuple[bytes, int, bool]:
             continue
         if pos + 2 > n:
             raise ImageDecodeError(f'{where}: truncated JPEG (ends inside its header)')
-        length = int.from_bytes(data[pos:pos + 2], 'big')
-        segment = data[pos:pos + length]
-        if length < 2 or len(segment) < length:
+        length = (data[pos] << 8) | data[pos + 1]
+        if length < 2 or pos + length > n:
             raise ImageDecodeError(f'{where}: truncated or corrupt JPEG header segment '
                                    f'0x{marker:02x}')
-        if marker == 0xEE and length - 2 >= 12 and segment[2:7] == b'Adobe':
+        if marker == 0xEE and length - 2 >= 12 and data[pos + 2:pos + 7] == b'Adobe':
             adobe = True
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and length >= 8:
-            components = segment[7]
-        out += bytes((0xFF, marker)) + segment
+            components = data[pos + 7]
+        kept.append((pos - 2, pos + length))  # from the marker's 0xFF to the segment's end
         pos += length
 
 
@@ -178,7 +182,7 @@ def _decode_with_pil(data: bytes, fmt: str, where: str) -> np.ndarray:
                 # 16-bit grey: libpng's strip_16 keeps the high byte; PIL would clip instead.
                 grey = (np.asarray(im, dtype=np.int64) >> 8).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=-1)
-            return np.asarray(im.convert('RGB'))
+            return np.array(im.convert('RGB'))
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f'{where}: corrupt or truncated {fmt} ({e})') from None
 

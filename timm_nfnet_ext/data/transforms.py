@@ -74,13 +74,16 @@ class ReferenceEvalTransform:
 
     def from_array(self, image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """Resize, crop and normalise an already decoded uint8 ``(H, W, 3)`` image."""
-        chw = torch.as_tensor(image).permute(2, 0, 1)
+        if isinstance(image, np.ndarray) and not image.flags.writeable:
+            image = image.copy()  # torch wraps only writable arrays without a warning
+        hwc = torch.as_tensor(image)
         h, w = self.img_size
         full = (h + REFERENCE_PADDING, w + REFERENCE_PADDING)
         # the reference's offsets: ((S + 32) - S + 1) // 2 on each axis
         top, left = (full[0] - h + 1) // 2, (full[1] - w + 1) // 2
-        out = resize_crop(chw, full, (top, left, h, w))
-        return out.sub_(self._mean).div_(self._std)
+        window = resize_crop(hwc, full, (top, left, h, w))
+        out = torch.empty(window.shape, dtype=torch.float32)
+        return torch.sub(window, self._mean, out=out).div_(self._std)
 
     def __repr__(self) -> str:
         h, w = self.img_size
@@ -122,8 +125,6 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
         raise TypeError(f'image arrays must be (H, W, 3) or (H, W), got shape {tuple(array.shape)}')
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
-    if not array.flags.writeable:  # torch wraps only writable arrays without a warning
-        array = array.copy()
     return array
 
 
