@@ -227,13 +227,14 @@ def sniff_checkpoint_format(path: PathLike) -> str:
     return 'unknown'
 
 
-def load_checkpoint_file(path: PathLike) -> Dict[str, Union[np.ndarray, torch.Tensor]]:
+def load_checkpoint_file(path: PathLike, use_ema: bool = True) -> Dict[str, Union[np.ndarray, torch.Tensor]]:
     """Load weights from a file of any supported kind, judged by its content, never by ``pickle``.
 
     - safetensors (any layout);
     - DeepMind's dill pickles (``F0_haiku.npz`` and friends) through the restricted unpickler;
     - real ``.npz`` archives (``allow_pickle=False``);
-    - PyTorch ``torch.save`` files (zip or legacy) with ``torch.load(weights_only=True)``.
+    - PyTorch ``torch.save`` files (zip or legacy) with ``torch.load(weights_only=True)``; of a
+      training checkpoint, the EMA weights when it has them and ``use_ema`` is true.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -244,7 +245,7 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, Union[np.ndarray, torch.Te
     if kind == 'pickle':
         return read_deepmind_pickle(path)
     if kind == 'torch':
-        return _load_torch_weights(path)
+        return _load_torch_weights(path, use_ema)
     if kind == 'npz':
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -262,11 +263,11 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, Union[np.ndarray, torch.Te
         raise CheckpointError(f'{path}: not a readable {what} ({e})') from None
 
 
-def _load_torch_weights(path: str) -> Dict[str, torch.Tensor]:
+def _load_torch_weights(path: str, use_ema: bool = True) -> Dict[str, torch.Tensor]:
     """timm's own loader (EMA/state_dict unwrapping, 'module.' prefixes) with ``weights_only=True``."""
     from timm.models import load_state_dict
     try:
-        state = load_state_dict(path, use_ema=True, weights_only=True)
+        state = load_state_dict(path, use_ema=use_ema, weights_only=True)
     except Exception as e:
         raise CheckpointError(f'{path}: not a loadable weights-only PyTorch file ({e})') from None
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):

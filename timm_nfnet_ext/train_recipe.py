@@ -13,7 +13,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ['build_parser', 'resolve_settings', 'paper_recipe', 'quickstart_recipe', 'RECIPES',
-           'TrainError', 'parse_kwargs']
+           'TrainError', 'parse_kwargs', 'KwargsAction']
 
 
 class TrainError(ValueError):
@@ -39,7 +39,9 @@ def parse_kwargs(values: Sequence[str], flag: str = '--opt-kwargs') -> Dict[str,
     return out
 
 
-class _KwargsAction(argparse.Action):
+class KwargsAction(argparse.Action):
+    """``--flag key=value ...`` parsed into a dict by :func:`parse_kwargs` (timm's ParseKwargs)."""
+
     def __call__(self, parser, namespace, values, option_string=None):
         try:
             setattr(namespace, self.dest, parse_kwargs(values, option_string))
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, '--pretrained-path', metavar='FILE', help='local weights file for --pretrained '
          '(e.g. the model.safetensors of timm-nfnet-convert)')
     _add(g, '--num-classes', type=int, metavar='N', help='classes (default: from the dataset)')
-    _add(g, '--model-kwargs', nargs='*', action=_KwargsAction, default={},
+    _add(g, '--model-kwargs', nargs='*', action=KwargsAction, default={},
          help='create_model keywords, e.g. widths="(32,64,96,96)" depths="(1,1,1,1)" group_width=16')
     _add(g, '--img-size', type=int, metavar='N', help='square input size (default: the model\'s)')
     _add(g, '--input-size', type=int, nargs=3, metavar='N', help='C H W input size')
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, '--opt-betas', type=float, nargs='+', help='optimizer betas')
     _add(g, '--momentum', type=float, default=0.9, help='SGD momentum')
     _add(g, '--weight-decay', type=float, default=2e-5, help='weight decay (never on gains, biases, skip gains)')
-    _add(g, '--opt-kwargs', nargs='*', action=_KwargsAction, default={}, help='extra optimizer keywords key=value')
+    _add(g, '--opt-kwargs', nargs='*', action=KwargsAction, default={}, help='extra optimizer keywords key=value')
     _add(g, '--agc', type=float, metavar='CLIPPING', help='adaptive gradient clipping ratio: wraps --opt '
          'with AGC and the paper\'s parameter groups (classifier weight unclipped)')
     _add(g, '--agc-eps', type=float, default=1e-3, help='AGC floor on a unit\'s parameter norm')
