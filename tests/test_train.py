@@ -139,6 +139,52 @@ def test_paper_recipe_builds_the_paper_optimizer_schedule_and_ema(digits_dir, tm
     assert run.module.head.drop.p == 0.2
     ra = [t for t in run.train_loader.dataset.dataset.transform.transforms if type(t).__name__ == 'RandAugment']
     assert len(ra) == 1 and ra[0].num_layers == 4 and ra[0].ops[0].magnitude == 5
+    # validation follows the paper's protocol: the reference eval pipeline, from the files
+    from timm_nfnet_ext.data import FileImageDataset, ReferenceEvalTransform, create_eval_transform
+    val = run.val_loader.dataset.dataset
+    assert isinstance(val, FileImageDataset) and isinstance(val.transform, ReferenceEvalTransform)
+    assert val.transform.img_size == (32, 32)  # trained at 32 px, not F0's 192: validated at 32
+    assert run.derived['validation'].startswith('reference') and '64 px' in run.derived['validation']
+    x, _ = val[3]
+    assert torch.equal(x, create_eval_transform(img_size=32)(val.name(3)))
+
+
+def test_reference_validation_size_follows_the_model_test_size(digits_dir, tmp_path):
+    from timm_nfnet_ext.data import ReferenceEvalTransform
+    base = ['--data-dir', str(digits_dir), '--model', 'nfnet_f0', '--model-kwargs', 'widths=(32,64,96,96)',
+            'depths=(1,1,1,1)', 'group_width=16', '--workers', '0', '--output', str(tmp_path / 'r')]
+    for extra, size in ((['--img-size', '192', '--val-preprocess', 'reference'], 256),  # F0: 192 -> 256
+                        (['--img-size', '192', '--val-preprocess', 'reference', '--val-img-size', '40'], 40)):
+        args, _, _ = resolve_settings(base + extra)
+        transform = prepare(args, DistInfo(0, 1, torch.device('cpu'))).val_loader.dataset.dataset.transform
+        assert isinstance(transform, ReferenceEvalTransform) and transform.img_size == (size, size)
+        shutil.rmtree(tmp_path / 'r')
+    args, _, _ = resolve_settings(base + ['--img-size', '32'])
+    run = prepare(args, DistInfo(0, 1, torch.device('cpu')))
+    assert run.derived['validation'].startswith('timm (')
+
+
+def test_reference_validation_matches_timm_nfnet_validate_on_the_export(digits_dir, tmp_path):
+    """The accuracy a run reports with --val-preprocess reference is the one timm-nfnet-validate
+    gives its exported weights (same pipeline, same files), and config.json carries its crop."""
+    import json
+    from timm_nfnet_ext import validate
+    out_dir = tmp_path / 'run'
+    code, out, err = run_main(['--data-dir', digits_dir, *TINY, '-b', '20', '--epochs', '1', '--lr', '0.05',
+                               '--warmup-epochs', '0', '--val-preprocess', 'reference', '--export',
+                               '--output', out_dir, '--seed', '0'])
+    assert code == 0, err
+    assert 'reference (DeepMind' in out
+    reported = float(re.search(r'reloaded through timm: validation top-1 ([\d.]+)%', out).group(1))
+    cfg = json.loads((out_dir / 'export' / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['test_input_size'] == [3, 32, 32] and cfg['test_crop_pct'] == pytest.approx(0.5)
+    results = tmp_path / 'v.json'
+    assert validate.main([str(digits_dir), '--model', f'local-dir:{out_dir / "export"}', '--pretrained',
+                          '-j', '0', '-b', '25', '--no-progress', '--results-file', str(results),
+                          '--results-format', 'json']) == 0
+    res = json.loads(results.read_text())
+    assert res['preprocess'] == 'reference' and res['img_size'] == 32
+    assert res['top1'] == pytest.approx(reported, abs=0.01)
 
 
 # --- data order --------------------------------------------------------------------------------

@@ -353,9 +353,10 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     model = timm.create_model(run.args.model, **run.arch_kwargs)
     model.load_state_dict(weights, strict=True)
     data, size = run.data_config, run.data_config['input_size']
-    # evaluated as validated: the run's size and crop at train and test time alike
+    # the test size and crop are the ones validation used (the reference's S / (S + 32) with it)
+    test_size, test_crop = data.get('val_input_size', size), data.get('val_crop_pct', data['crop_pct'])
     model.pretrained_cfg = pretrained_cfg_for_data(
-        model, size, size, data['crop_pct'], data['crop_pct'], mean=data['mean'], std=data['std'],
+        model, size, test_size, data['crop_pct'], test_crop, mean=data['mean'], std=data['std'],
         interpolation=data['interpolation'], hf_hub_id=None, tag=None, origin_url=None)
     out = Path(run.args.export) if run.args.export else run.run_dir / 'export'
     save_model_folder(model, out, metadata={'trained_with': 'timm-nfnet-train'})

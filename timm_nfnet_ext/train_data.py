@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .data import FileImageDataset, create_eval_transform
 from .train_recipe import TrainError
 
 __all__ = ['DigitsDataset', 'SeededDataset', 'EpochSampler', 'build_datasets', 'build_loader',
@@ -279,7 +280,12 @@ def _with_train_labels(args: Any, name: str, train: Dataset, val: Dataset, size:
 
 
 def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
-    """The train / validation datasets with timm's transforms for a model's ``pretrained_cfg``."""
+    """The train / validation datasets for a model's ``pretrained_cfg``.
+
+    Training uses timm's transforms. Validation uses the reference's eval pipeline with
+    ``--val-preprocess reference`` (the paper recipe's default) and timm's otherwise; the data
+    config records which (``val_preprocess``, ``val_input_size``, ``val_crop_pct``).
+    """
     from timm.data import create_transform, resolve_data_config
     name = _dataset_name(args)
     _check_folder(args, name)
@@ -296,11 +302,29 @@ def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
         ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
         auto_augment=args.aa, interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'],
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    if val is not None:
+    if val is not None and args.val_preprocess == 'reference':
+        s = _reference_val_size(args, cfg, pretrained_cfg)
+        val = FileImageDataset(val, create_eval_transform(img_size=s, mean=cfg['mean'], std=cfg['std']))
+        cfg = dict(cfg, val_preprocess='reference', val_input_size=(3, s, s), val_crop_pct=s / (s + 32))
+    elif val is not None:
         val.transform = create_transform(
             cfg['input_size'], is_training=False, interpolation=cfg['interpolation'], mean=cfg['mean'],
             std=cfg['std'], crop_pct=cfg['crop_pct'], crop_mode=cfg.get('crop_mode'))
+        cfg = dict(cfg, val_preprocess='timm', val_input_size=tuple(cfg['input_size']),
+                   val_crop_pct=cfg['crop_pct'])
     return DataBundle(train, val, cfg, name or 'ImageFolder')
+
+
+def _reference_val_size(args: Any, cfg: Dict[str, Any], pretrained_cfg: Dict[str, Any]) -> int:
+    """The reference validation crop: --val-img-size, else the model's test size when training
+    at the model's train size (F0: 192 -> 256, as the paper evaluates), else the training size."""
+    if args.val_img_size:
+        return int(args.val_img_size)
+    train = tuple(cfg['input_size'])
+    test = pretrained_cfg.get('test_input_size')
+    if test and tuple(pretrained_cfg.get('input_size', ())) == train:
+        return int(test[-1])
+    return int(train[-1])
 
 
 def _cpus() -> int:

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, '--mean', type=float, nargs='+', help='normalisation mean')
     _add(g, '--std', type=float, nargs='+', help='normalisation std')
     _add(g, '--interpolation', default='', help='resize interpolation (default: the model\'s)')
+    _add(g, '--val-preprocess', choices=('reference', 'timm'), default='timm',
+         help="validation preprocessing: 'reference' (DeepMind's eval pipeline: resize to S+32 with "
+              "TF's bicubic, crop S; the paper recipe's) or 'timm' (create_transform)")
+    _add(g, '--val-img-size', type=int, metavar='N', help='reference validation crop size S (default: '
+         "the model's test size when training at its train size, else the training size)")
     _add(g, '-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
     _add(g, '-vb', '--validation-batch-size', type=int, metavar='N', help='validation batch size per process')
     _add(g, '--channels-last', action=argparse.BooleanOptionalAction, default=False, help='channels_last memory layout')
@@ -230,7 +235,7 @@ def paper_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
         min_lr=0.0, epochs=360, smoothing=0.1,
         model_ema=True, model_ema_decay=0.99999, model_ema_warmup='paper',
         mixup=0.2, cutmix=1.0, aa=f'rand-n4-m{level}-mmax{max(10, level)}',
-        drop_path=0.25, amp=True, amp_dtype='bfloat16',
+        drop_path=0.25, amp=True, amp_dtype='bfloat16', val_preprocess='reference',
     )
     if model in MODEL_CFGS:
         recipe['drop'] = MODEL_CFGS[model].drop_rate

@@ -408,6 +408,7 @@ def _build_run(args: Any, dist_info: DistInfo, run_dir: Path, opt_name: str, cli
                    param_groups=_describe_groups(optimizer), num_classes=num_classes,
                    input_size=list(data.data_config['input_size']), dataset=data.name,
                    train_images=len(data.train), val_images=len(data.val) if data.val is not None else 0,
+                   validation=_describe_validation(data.data_config) if data.val is not None else 'none',
                    steps_per_epoch=steps, total_epochs=num_epochs)
     run = Run(args=args, dist=dist_info, run_dir=run_dir, model=model, module=model, ema=ema,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast, mixup=mixup,
@@ -424,6 +425,15 @@ def _build_run(args: Any, dist_info: DistInfo, run_dir: Path, opt_name: str, cli
         from torch.nn.parallel import DistributedDataParallel
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     return run
+
+
+def _describe_validation(cfg: Dict[str, Any]) -> str:
+    """Which eval pipeline validates, in words (printed and saved with the settings)."""
+    size = cfg['val_input_size'][-1]
+    if cfg['val_preprocess'] == 'reference':
+        return (f"reference (DeepMind's eval pipeline: TF bicubic to {size + 32} px, centre crop "
+                f'{size}, unclamped)')
+    return f"timm (create_transform: {cfg['interpolation']}, crop_pct {cfg['val_crop_pct']:.4f}, {size} px)"
 
 
 def _default_cfg(model_name: str) -> Dict[str, Any]:

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _create_model(args: argparse.Namespace) -> torch.nn.Module:
-    if not timm.is_model(args.model.split('.')[0]):
+    if ':' not in args.model and not timm.is_model(args.model.split('.')[0]):  # not local-dir:/hf-hub:
         raise ValidateError(f'unknown model {args.model!r}')
     kwargs: Dict[str, Any] = dict(args.model_kwargs)
     if args.num_classes is not None:
