@@ -11,6 +11,13 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')  # the Hub is unreachable here; nev
 import timm  # noqa: E402
 import timm_nfnet_ext  # noqa: E402,F401  (registers the models)
 
+if os.environ.get('TIMM_NFNET_TEST_INSTALLED'):  # CI: the installed wheel, never the source tree
+    _src = Path(__file__).resolve().parents[1]
+    for _mod in (timm_nfnet_ext, __import__('timm_nfnet_hub')):
+        if Path(_mod.__file__).resolve().is_relative_to(_src):
+            raise RuntimeError(f'tests imported {_mod.__name__} from the source tree ({_mod.__file__}), '
+                               'not from the installed package')
+
 FIXTURES = Path(__file__).parent / 'fixtures' / 'dm_reference'
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
 

@@ -15,7 +15,9 @@ WORKER = Path(__file__).with_name('_agc_ddp_worker.py')
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason='needs gloo')
 def test_ddp_clips_the_all_reduced_gradient(tmp_path):
     out = tmp_path / 'report.json'
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
+    # the package is the installed one; the worker's folder for its own imports (PYTHONSAFEPATH in CI
+    # keeps a script's folder off sys.path)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(WORKER.parent), os.environ.get('PYTHONPATH')])),
            'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            str(WORKER), str(out)]

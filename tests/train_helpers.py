@@ -35,10 +35,9 @@ def make_digits_folder(root: Path, train_per_class: int, val_per_class: int) -> 
 
 
 def child_env() -> Dict[str, str]:
-    """Environment of a training subprocess: 1 thread (bit-reproducible), offline, this repo first."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
-    return env
+    """Environment of a training subprocess: 1 thread (bit-reproducible), offline. The package is
+    the installed one (editable for development, the wheel in CI)."""
+    return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
 
 
 def train_cmd(args: Sequence[str]) -> List[str]:
