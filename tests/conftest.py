@@ -13,8 +13,8 @@ import timm_nfnet_ext  # noqa: E402,F401  (registers the models)
 
 if os.environ.get('TIMM_NFNET_TEST_INSTALLED'):  # CI: the installed wheel, never the source tree
     _src = Path(__file__).resolve().parents[1]
-    for _mod in (timm_nfnet_ext, __import__('timm_nfnet_hub')):
-        if Path(_mod.__file__).resolve().is_relative_to(_src):
+    for _mod, _folder in ((timm_nfnet_ext, 'timm_nfnet_ext'), (__import__('timm_nfnet_hub'), 'hub')):
+        if Path(_mod.__file__).resolve().is_relative_to(_src / _folder):
             raise RuntimeError(f'tests imported {_mod.__name__} from the source tree ({_mod.__file__}), '
                                'not from the installed package')
 

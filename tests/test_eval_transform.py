@@ -245,3 +245,26 @@ def test_pickles_and_runs_in_dataloader_workers_with_timm_dataset(tmp_path):
         path = pathlib.Path(ds.filename(i, absolute=True))
         assert torch.equal(x[i], t(path))
     assert repr(t).startswith('ReferenceEvalTransform(') and '96x96' in repr(t)
+
+
+def test_jpeg_bytes_to_logits_match_deepmind_end_to_end():
+    """JPEG bytes -> this transform -> this model equals JPEG bytes -> DeepMind's dataset.py (TF)
+    -> DeepMind's NFNet (JAX/Haiku), on the tiny fixture's weights
+    (``scripts/make_end_to_end_golden.py``): four files, CMYK and progressive included."""
+    import timm
+    from conftest import FIXTURES, fixture_model_kwargs
+    from timm_nfnet_ext.checkpoint import checkpoint_filter_fn, read_deepmind_pickle
+    model = timm.create_model('nfnet_f0', **fixture_model_kwargs('tiny_nfnet')).eval()
+    model.load_state_dict(checkpoint_filter_fn(read_deepmind_pickle(FIXTURES / 'tiny_nfnet' / 'params.pkl'), model))
+    golden = np.load(FIXTURES / 'tiny_nfnet' / 'end_to_end.npz')
+    stems = sorted(k.split('@')[1] for k in golden.files if k.startswith('logits@'))
+    assert stems == ['china', 'cmyk_adobe_150x120', 'photo_300x200_420_q60', 'progressive_480x640']
+    transform = create_eval_transform(img_size=64)  # the fixture's test size
+    for stem in stems:
+        found = sorted(IMAGES.glob(stem + '.jpg'))
+        data = (found[0] if found else _sklearn_photo(stem)).read_bytes()
+        x = transform(data)
+        assert np.abs(x.numpy() - golden[f'input@{stem}']).max() < TOL
+        with torch.no_grad():
+            logits = model(x[None])[0].numpy()
+        assert np.abs(logits - golden[f'logits@{stem}']).max() < 1e-5, stem
