@@ -158,3 +158,36 @@ def test_inplace_gelu_leaves_views_and_hooked_outputs_alone():
     y = act(conv(x))
     y.sum().backward()
     assert torch.allclose(y, F.gelu(conv(x), approximate='tanh'), atol=1e-6)
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError('a changed private API')
+
+
+@pytest.mark.parametrize('query', [None, _raise])
+def test_without_torchs_functorch_query_gelu_takes_atens_kernels(query, monkeypatch):
+    """torch's private functorch query is looked up once at import; missing or failing, the
+    hand-written passes step aside (ATen's GELU, bit for bit), with and without autograd."""
+    monkeypatch.setattr(gelu, 'FUNCTORCH_WRAPPED_QUERY', query)
+    x = torch.randn(4, 8, 9, 9)
+    assert not gelu._fast_cpu_dense(x)
+    assert torch.equal(gelu_tanh(x), F.gelu(x, approximate='tanh'))
+    a = x.clone().requires_grad_()
+    y = gelu_tanh(a * 1.0, inplace=True)
+    assert 'GeluTanhCPU' not in type(y.grad_fn).__name__
+    (g,) = torch.autograd.grad(y.sum(), a)
+    b = x.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(F.gelu(b, approximate='tanh').sum(), b)
+    assert torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize('query', [None, _raise])
+def test_without_torchs_view_query_training_gelu_keeps_its_input(query, monkeypatch):
+    """Missing or failing, the view query answers 'a view': the training GELU runs out of place."""
+    monkeypatch.setattr(gelu, 'IS_VIEW_QUERY', query)
+    a = torch.randn(4, 8, 9, 9, requires_grad=True)
+    x = a * 1.0  # not a leaf, not a view: overwritten in place with the query
+    before = x.detach().clone()
+    y = gelu_tanh(x, inplace=True)
+    assert y is not x and torch.equal(x.detach(), before)
+    torch.testing.assert_close(y, F.gelu(before, approximate='tanh'), rtol=1e-6, atol=1e-6)

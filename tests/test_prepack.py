@@ -186,3 +186,34 @@ def test_cpu_autocast_takes_the_plain_conv():
         ref = fused(x)
     assert all(o.dtype == ref.dtype == torch.bfloat16 and torch.equal(o, ref) for o in outs)
     assert all(w is None for w in _packed(packed))
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError('a changed private op')
+
+
+@pytest.mark.parametrize('missing', ['REORDER_WEIGHT', 'CONV_POINTWISE'])
+def test_without_the_private_onednn_ops_every_conv_is_plain(missing, monkeypatch):
+    """The two private ops are looked up once at import; without one, prepacked convs run the
+    fused model's plain conv (and onednn_available says so)."""
+    model = tiny_model().eval()
+    packed, fused = prepack_for_cpu(model), timm.utils.reparameterize_model(model)
+    monkeypatch.setattr(prepack, missing, None)
+    assert not prepack.onednn_available()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(packed(x), fused(x))
+    assert all(w is None for w in _packed(packed))
+
+
+@pytest.mark.parametrize('failing', ['REORDER_WEIGHT', 'CONV_POINTWISE'])
+def test_a_private_onednn_op_that_raises_leaves_the_plain_conv(failing, monkeypatch):
+    model = tiny_model().eval()
+    packed, fused = prepack_for_cpu(model), timm.utils.reparameterize_model(model)
+    monkeypatch.setattr(prepack, failing, _raise)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(packed(x), fused(x))
+    assert all(m.pack.failed and m.pack.weight is None for m in _convs(packed))

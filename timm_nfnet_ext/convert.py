@@ -26,7 +26,7 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from timm.models._hub import save_config_for_hf
+from timm.models import save_for_hf
 
 from . import __version__
 from .checkpoint import CheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file
@@ -100,7 +100,10 @@ def save_model_folder(
         tmp = Path(tmp)
         save_file(tensors, str(tmp / 'model.safetensors'), metadata=meta)
         canonicalize_safetensors(tmp / 'model.safetensors')  # same weights -> same bytes
-        save_config_for_hf(model, str(tmp / 'config.json'))
+        # timm's config.json, through its public writer (timm exports no config-only one); the
+        # weights it writes beside it are left in the temporary folder: ours are the ones above
+        save_for_hf(model, str(tmp / 'timm'), safe_serialization=True)
+        os.replace(tmp / 'timm' / 'config.json', tmp / 'config.json')
         umask = os.umask(0)
         os.umask(umask)
         for name in ('model.safetensors', 'config.json'):

@@ -32,9 +32,35 @@ def _gelu_tanh_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 _is_compiling = torch.compiler.is_compiling
-_is_functorch_wrapped = getattr(getattr(torch._C, '_functorch', None), 'is_functorch_wrapped_tensor',
-                                lambda x: False)
 _fast_cpu_gelu_enabled = True
+
+
+# The hand-written passes write through ``out=`` and ``as_strided`` views, which a functorch
+# wrapper (vmap, grad) cannot take, and overwrite an input in place only where autograd allows
+# it (not on views). torch answers both only through private APIs: they are looked up once, here,
+# and where one is missing or fails, the answer is the safe one (wrapped / a view: ATen's kernels,
+# out of place).
+def _find_private_query(owner: Any, name: str) -> Callable[[torch.Tensor], bool] | None:
+    """``owner.name`` if it exists and answers False for a plain tensor, else None."""
+    query = getattr(owner, name, None)
+    try:
+        return query if callable(query) and query(torch.zeros(())) is False else None
+    except Exception:  # a changed private signature: treat as missing
+        return None
+
+
+FUNCTORCH_WRAPPED_QUERY = _find_private_query(getattr(torch._C, '_functorch', None), 'is_functorch_wrapped_tensor')
+IS_VIEW_QUERY = _find_private_query(torch.Tensor, '_is_view')
+
+
+def _ask(query: Callable[[torch.Tensor], bool] | None, x: torch.Tensor) -> bool:
+    """``query(x)``; True (the safe answer) where the query is missing or fails."""
+    if query is None:
+        return True
+    try:
+        return bool(query(x))
+    except Exception:
+        return True
 
 
 class fast_cpu_gelu:  # noqa: N801 (used like a function: ``fast_cpu_gelu(False)``)
@@ -72,7 +98,7 @@ def _fast_cpu_dense(x: torch.Tensor) -> bool:
         return False
     if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return False
-    if _is_functorch_wrapped(x):
+    if _ask(FUNCTORCH_WRAPPED_QUERY, x):
         return False
     return torch.autograd.forward_ad.unpack_dual(x).tangent is None
 
@@ -184,5 +210,5 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if not _fast_cpu_dense(x):
         return torch.ops.aten.gelu_(x, approximate='tanh') if inplace and not tracked else F.gelu(x, approximate='tanh')
     if tracked:  # autograd forbids in-place on leaves and on some views: out of place there
-        return _GeluTanhCPU.apply(x, inplace and not x.is_leaf and not x._is_view())
+        return _GeluTanhCPU.apply(x, inplace and not x.is_leaf and not _ask(IS_VIEW_QUERY, x))
     return _gelu_forward(x, x if inplace else torch.empty_like(x))  # empty_like keeps dense strides

@@ -14,35 +14,51 @@ every call run as in the fused model (reordering for each of them measured 7% sl
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from .layers import SameConv2d, autocast_dtype, same_conv_input
+from .layers import SameConv2d, autocast_dtype, conv2d_same, same_conv_input
 
 __all__ = ['PrepackedConv2d', 'prepack_for_cpu', 'onednn_available']
 
 
+def _find_op(owner: Any, name: str) -> Any:
+    """``owner.name`` (a private oneDNN op), or None where this PyTorch has none."""
+    try:
+        op = getattr(owner, name, None)
+    except Exception:  # torch.ops namespaces raise on a missing op; a build without oneDNN may have none
+        return None
+    return op if callable(op) else None
+
+
+# The two private ops this file runs on (torch.compile's CPU freezing pass uses the same): looked up
+# once, here. Where either is missing, or fails for a conv, that conv runs the plain ``F.conv2d``.
+REORDER_WEIGHT = _find_op(getattr(torch._C, '_nn', None), 'mkldnn_reorder_conv2d_weight')
+CONV_POINTWISE = _find_op(getattr(torch.ops, 'mkldnn', None), '_convolution_pointwise')
+
+
 def onednn_available() -> bool:
     """Whether this PyTorch has the oneDNN ops ``PrepackedConv2d`` runs on."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, 'mkldnn_reorder_conv2d_weight')
-            and hasattr(torch.ops.mkldnn, '_convolution_pointwise'))
+    return torch.backends.mkldnn.is_available() and REORDER_WEIGHT is not None and CONV_POINTWISE is not None
 
 
 class _Pack:
     """A conv's reordered weight: the key it was made for (input shape, weight version), the weight
     it was made from (held, so that a replaced weight cannot come back at the same address) and the
-    key of the last call. oneDNN's opaque tensors cannot be copied or pickled, so a copy or a
-    pickle starts empty (the reordered weight is remade on later calls)."""
+    key of the last call; ``failed`` once a oneDNN op raised for this conv (it then runs the plain
+    conv for good). oneDNN's opaque tensors cannot be copied or pickled, so a copy or a pickle
+    starts empty (the reordered weight is remade on later calls)."""
 
     def __init__(self) -> None:
         self.key: Optional[tuple] = None
         self.source: Optional[torch.Tensor] = None
         self.weight: Optional[torch.Tensor] = None
         self.last_key: Optional[tuple] = None
+        self.failed = False
 
     def __deepcopy__(self, memo: dict) -> '_Pack':
         return _Pack()
@@ -69,6 +85,8 @@ class PrepackedConv2d(nn.Conv2d):
     ``.data = ...``) or changed in place (``load_state_dict``, ``copy_``); not when it is changed
     behind autograd's back (``weight.data.copy_(...)``, or in place on a weight made under
     ``inference_mode``, which keeps no version count): call ``prepack_for_cpu`` again after that.
+    Where this PyTorch lacks the private oneDNN ops, or they raise for this conv, and under
+    TorchScript, every call is the plain conv.
     """
 
     def __init__(self, conv: nn.Conv2d):
@@ -83,16 +101,25 @@ class PrepackedConv2d(nn.Conv2d):
         self.train(conv.training)
 
     def _packed(self, shape: torch.Size, padding: Tuple[int, int]) -> Optional[torch.Tensor]:
-        """The reordered weight for this input shape; ``None`` the first time a new shape comes."""
+        """The reordered weight for this input shape; ``None`` the first time a new shape comes,
+        and where it cannot be made."""
         w, pack = self.weight, self.pack
-        key = (tuple(shape), None if w.is_inference() else w._version)
+        # autograd's (private) version counter tells an in-place change; without one, never cache
+        version = None if w.is_inference() else getattr(w, '_version', None)
+        if REORDER_WEIGHT is None or pack.failed or (version is None and not w.is_inference()):
+            return None
+        key = (tuple(shape), version)
         # a replaced weight (.to(), .data =) has other memory: ``source`` keeps the old one from being reused
         fresh = key == pack.key and pack.source is not None and pack.source.data_ptr() == w.data_ptr()
         if not fresh and key == pack.last_key:  # the same call twice in a row: worth a reorder
             pack.weight = None  # one reordered copy of the weight at a time
-            pack.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.detach().contiguous().to_mkldnn(), list(padding), list(self.stride), list(self.dilation),
-                self.groups, list(shape))
+            try:
+                pack.weight = REORDER_WEIGHT(
+                    w.detach().contiguous().to_mkldnn(), list(padding), list(self.stride), list(self.dilation),
+                    self.groups, list(shape))
+            except Exception:  # the private op refused: the plain conv from now on
+                pack.failed = True
+                return None
             pack.key, pack.source, fresh = key, w.detach(), True
         pack.last_key = key
         return pack.weight if fresh else None
@@ -106,14 +133,27 @@ class PrepackedConv2d(nn.Conv2d):
             t is not None and t.requires_grad for t in (x, self.weight, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript: the plain conv (the reordered weight is Python state)
+            if self.same_padding:
+                return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups, self.dilation[0])
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         padding = self.padding
         if self.same_padding:
             x, padding = same_conv_input(x, self.kernel_size, self.stride[0])
-        packed = self._packed(x.shape, padding) if self._use_packed(x) else None
-        if packed is None:
+        packed = self._packed(x.shape, padding) if self._use_packed(x) and CONV_POINTWISE is not None else None
+        out = self._packed_conv(x, packed, padding) if packed is not None else None
+        if out is None:
             return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, self.bias, list(padding), list(self.stride), list(self.dilation), self.groups, 'none', [], '')
+        return out
+
+    def _packed_conv(self, x: torch.Tensor, packed: torch.Tensor, padding: Tuple[int, int]) -> Optional[torch.Tensor]:
+        """oneDNN's conv on the reordered weight; None (and the plain conv from now on) if it raises."""
+        try:
+            return CONV_POINTWISE(x, packed, self.bias, list(padding), list(self.stride), list(self.dilation),
+                                  self.groups, 'none', [], '')
+        except Exception:  # the private op refused
+            self.pack.failed, self.pack.weight = True, None
+            return None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", padding='SAME'" if self.same_padding else '')

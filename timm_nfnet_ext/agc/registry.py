@@ -1,7 +1,7 @@
 """``sgdagc``, ``adamwagc`` and ``lambagc`` in timm's optimizer registry, and ``register_agc_optimizer``."""
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import replace
 from typing import Any, Type, Union
 
@@ -9,10 +9,32 @@ from torch.optim import Optimizer
 
 from .optim import SGDAGC, with_agc
 
-try:  # timm's optimizer registry (recent timm 1.0.x)
-    from timm.optim._optim_factory import OptimInfo, default_registry
+_logger = logging.getLogger(__name__)
+
+try:  # timm's optimizer registry entries (timm >= 1.0.12)
+    from timm.optim import OptimInfo
 except ImportError:  # pragma: no cover - depends on the installed timm
-    OptimInfo = default_registry = None
+    OptimInfo = None
+
+
+def _find_default_registry() -> Any:
+    """timm's default optimizer registry (the one ``create_optimizer_v2`` reads), or None.
+
+    timm exports readers of it (``timm.optim.get_optimizer_info``, ``list_optimizers``) but no
+    public handle to register into, so the private module is looked up once, here; without it
+    (or with a registry of another shape) the AGC optimizers are not registered, and remain
+    usable as classes and through ``register_agc_optimizer(..., registry=...)``.
+    """
+    try:
+        from timm.optim import _optim_factory
+    except ImportError:  # pragma: no cover - depends on the installed timm
+        return None
+    registry = getattr(_optim_factory, 'default_registry', None)
+    needed = ('register', 'get_optimizer_info', 'get_optimizer_class')
+    return registry if all(callable(getattr(registry, name, None)) for name in needed) else None
+
+
+DEFAULT_REGISTRY = _find_default_registry()
 AGC_OPTIMIZER_NAMES = ('sgdagc', 'adamwagc', 'lambagc')
 
 
@@ -39,16 +61,17 @@ def register_agc_optimizer(
         base: a registered timm optimizer name (its ``OptimInfo`` flags and defaults
             are copied) or an optimizer class.
         description: shown by ``timm.optim.list_optimizers(with_description=True)``.
-        registry: defaults to timm's ``default_registry``.
+        registry: defaults to timm's default registry (``DEFAULT_REGISTRY``).
         **info: ``OptimInfo`` fields to set (``has_momentum``, ``defaults``, ...).
 
     Returns:
         The registered ``OptimInfo``.
     """
     if OptimInfo is None:
-        raise RuntimeError('this timm has no optimizer registry '
-                           '(timm.optim._optim_factory.OptimInfo); upgrade timm')
-    registry = default_registry if registry is None else registry
+        raise RuntimeError('this timm has no optimizer registry (timm.optim.OptimInfo); upgrade timm')
+    registry = DEFAULT_REGISTRY if registry is None else registry
+    if registry is None:
+        raise RuntimeError("timm's default optimizer registry was not found in this timm: pass registry=")
     name = _check_name(name)
     if isinstance(base, str):
         base_info = registry.get_optimizer_info(base)
@@ -64,11 +87,12 @@ def register_agc_optimizer(
 
 def register_builtin_optimizers() -> None:
     """Register ``sgdagc``, ``adamwagc`` and ``lambagc`` (done once, when the package is imported)."""
-    if OptimInfo is None:  # pragma: no cover - old timm
-        warnings.warn('this timm has no optimizer registry: AGC optimizers were not '
-                      'registered; use the classes directly, or upgrade timm')
+    if OptimInfo is None or DEFAULT_REGISTRY is None:
+        # an import must not warn: said once in the log, and the classes work as they are
+        _logger.info('timm has no optimizer registry this package can register into: sgdagc, adamwagc and '
+                     'lambagc were not registered; use SGDAGC / with_agc directly, or upgrade timm')
         return
-    default_registry.register(OptimInfo(
+    DEFAULT_REGISTRY.register(OptimInfo(
         name='sgdagc', opt_class=SGDAGC, has_eps=False, has_momentum=True,
         defaults={'nesterov': True},
         description='SGD_AGC of the NFNet paper: AGC, weight decay, Nesterov momentum SGD'))
