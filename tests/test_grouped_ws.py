@@ -404,3 +404,21 @@ def test_cuda_grouped_reproduces_deepmind_outputs(name):
         got = model(x.cuda()).cpu()
     # TF32 convs on the GPU: looser than the CPU's 1e-5
     np.testing.assert_array_less(np.abs(got.numpy() - logits).max(), 2e-3)
+
+
+@pytest.mark.parametrize('probe', ['FUNCTORCH_PROBE', 'FORWARD_AD_LEVEL_READABLE'])
+def test_without_torchs_private_probes_grouping_steps_aside(probe, seen, monkeypatch):
+    """Where torch's private functorch / forward-AD query is missing, grouping (asked for) steps
+    aside for good: each conv standardises its own weight, with the same numbers."""
+    from timm_nfnet_ext import layers
+    model = _live(tiny_model()).train()
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    out_a, grads_a = _step(model, x, y, grouped=True)
+    assert seen['grouped'] and not seen['per_conv']
+    seen['clear']()
+    monkeypatch.setattr(layers, probe, None if probe == 'FUNCTORCH_PROBE' else False)
+    out_b, grads_b = _step(model, x, y, grouped=True)
+    assert not seen['grouped'] and seen['per_conv']
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -90,3 +90,61 @@ def test_ws_backward_uses_batch_norm_kernel_only_off_the_floor(monkeypatch):
         w[2] = 0.5  # a row on the eps floor
     standardize_weight(w, gain, 1.7).sum().backward()
     assert calls == [1]  # the written-out gradient
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError('a changed private API')
+
+
+@pytest.mark.parametrize('patch', ['functorch_missing', 'functorch_raises', 'forward_ad_unreadable'])
+def test_without_torchs_private_probes_ws_takes_the_plain_expression(patch, monkeypatch):
+    """torch's private functorch / forward-AD queries are looked up once at import; where one is
+    missing or fails, the CPU weight standardisation steps aside to the plain expression (same
+    values and gradients)."""
+    from timm_nfnet_ext import layers
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    gain = torch.rand(6, requires_grad=True)
+    fast = standardize_weight(w, gain, 1.7)
+    assert type(fast.grad_fn).__name__ == '_StandardizeWeightBackward'
+    assert not layers.functorch_active() and not layers.forward_ad_active()
+    if patch == 'forward_ad_unreadable':
+        monkeypatch.setattr(layers, 'FORWARD_AD_LEVEL_READABLE', False)
+        assert layers.forward_ad_active()
+    else:
+        monkeypatch.setattr(layers, 'FUNCTORCH_PROBE', None if patch == 'functorch_missing' else _raise)
+        assert layers.functorch_active()
+    plain = standardize_weight(w, gain, 1.7)
+    assert type(plain.grad_fn).__name__ != '_StandardizeWeightBackward'
+    torch.testing.assert_close(plain, fast, rtol=1e-5, atol=1e-6)
+    go = torch.randn_like(plain)
+    for a, b in zip(torch.autograd.grad((plain * go).sum(), (w, gain)), torch.autograd.grad((fast * go).sum(), (w, gain))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_probes_see_torch_func_and_forward_ad():
+    from torch.autograd import forward_ad
+    from timm_nfnet_ext import layers
+    seen = []
+    torch.func.vmap(lambda t: seen.append(layers.functorch_active()) or t)(torch.randn(2, 3))
+    with forward_ad.dual_level():
+        seen.append(layers.forward_ad_active())
+    assert seen == [True, True] and not layers.functorch_active() and not layers.forward_ad_active()
+
+
+def test_forward_mode_ad_through_a_ws_conv_on_cpu():
+    """Forward-mode AD through the weights (a dual-level open): the plain expression, whose jvp
+    matches a central difference."""
+    from torch.autograd import forward_ad
+    torch.manual_seed(0)
+    conv = WSConv2d(4, 6, 3, input_scale=1.3).double()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    params = {n: p.detach() for n, p in conv.named_parameters()}
+    tangent = torch.randn_like(params['weight'])
+    with forward_ad.dual_level():
+        dual = dict(params, weight=forward_ad.make_dual(params['weight'], tangent))
+        jvp = forward_ad.unpack_dual(torch.func.functional_call(conv, dual, (x,))).tangent
+    h = 1e-6
+    plus = torch.func.functional_call(conv, dict(params, weight=params['weight'] + h * tangent), (x,))
+    minus = torch.func.functional_call(conv, dict(params, weight=params['weight'] - h * tangent), (x,))
+    torch.testing.assert_close(jvp, (plus - minus) / (2 * h), rtol=1e-5, atol=1e-7)

@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .layers import GROUPED, WSConv2d, _standardize_weight_autograd, autocast_dtype
+from .layers import GROUPED, WSConv2d, _standardize_weight_autograd, autocast_dtype, autocast_off
 
 __all__ = ['WSGroup', 'plan_groups', 'standardize_group', 'standardized_once']
 
@@ -161,7 +161,7 @@ def standardize_group(group: WSGroup) -> List[Tuple[torch.Tensor, torch.Tensor]]
     cast = autocast_dtype(device_type)
     row_scale = _row_scale(tuple((c.input_scale, c.out_channels) for c in convs), weights[0].device,
                            weights[0].dtype)
-    with torch.autocast(device_type=device_type, enabled=False):
+    with autocast_off(device_type):
         w_hat = _StandardizeRows.apply(row_scale, group.eps, len(convs), group.channels_last,
                                        *weights, *(c.gain for c in convs))
         bias = torch.cat([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias

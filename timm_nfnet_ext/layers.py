@@ -15,10 +15,11 @@ Speed choices (each keeps the reference's numbers):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,8 +30,9 @@ from timm.layers import register_notrace_module
 from .gelu import fast_cpu_gelu, gelu_tanh
 
 __all__ = [
-    'GAMMAS', 'get_act_fn', 'same_pads', 'same_conv_input', 'SameConv2d', 'standardize_weight', 'WSConv2d',
-    'SqueezeExcite', 'StochasticDepthMask', 'gelu_tanh', 'fast_cpu_gelu',
+    'GAMMAS', 'get_act_fn', 'apply_activation', 'same_pads', 'same_conv_input', 'SameConv2d', 'standardize_weight',
+    'WSConv2d', 'SqueezeExcite', 'StochasticDepthMask', 'gelu_tanh', 'fast_cpu_gelu', 'functorch_active',
+    'forward_ad_active',
 ]
 
 # Gamma of each activation in DeepMind's table: 1 / std(act(z)) for z ~ N(0, 1), so that a
@@ -104,6 +106,47 @@ def get_act_fn(name: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], float
     return _ACT_FNS[name], GAMMAS[name]
 
 
+def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``name``'s activation of the gamma table with ATen's own ops (out of place, no gamma).
+
+    The same functions as ``_ACT_FNS``, written as one TorchScript-compilable function:
+    ``torch.jit.script`` cannot call the table's partials or the hand-written CPU GELU, so a
+    scripted ``Activation`` runs this (and so the reference's numbers, within float rounding of
+    the CPU GELU's sigmoid form).
+    """
+    if name == 'gelu':
+        return F.gelu(x, approximate='tanh')
+    if name == 'relu':
+        return F.relu(x)
+    if name == 'silu':
+        return F.silu(x)
+    if name == 'identity':
+        return x
+    if name == 'celu':
+        return F.celu(x)
+    if name == 'elu':
+        return F.elu(x)
+    if name == 'leaky_relu':
+        return F.leaky_relu(x)
+    if name == 'log_sigmoid':
+        return F.logsigmoid(x)
+    if name == 'log_softmax':
+        return F.log_softmax(x, dim=1)  # JAX's channel axis
+    if name == 'relu6':
+        return F.relu6(x)
+    if name == 'selu':
+        return F.selu(x)
+    if name == 'sigmoid':
+        return torch.sigmoid(x)
+    if name == 'soft_sign':
+        return F.softsign(x)
+    if name == 'softplus':
+        return F.softplus(x)
+    if name == 'tanh':
+        return torch.tanh(x)
+    raise ValueError('unknown activation ' + name)
+
+
 # torch.fx leaf (timm's feature extraction): its in-place and hand-written CPU paths branch on
 # autograd state that symbolic tracing cannot follow
 @register_notrace_module
@@ -126,6 +169,9 @@ class Activation(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript: ATen's out-of-place ops (the in-place forms below are eager only)
+            y = apply_activation(x, self.name)
+            return y if self.scale == 1.0 else y * self.scale
         no_grad = not (x.requires_grad and torch.is_grad_enabled())
         if no_grad:
             y = self.fn_(x) if self.fn_ is not None else self.fn(x)
@@ -153,7 +199,7 @@ def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def same_conv_input(x: torch.Tensor, kernel: Tuple[int, int], stride: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def same_conv_input(x: torch.Tensor, kernel: List[int], stride: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """XLA 'SAME' padding for a conv: ``(input, conv_padding)``.
 
     Symmetric padding goes to the conv (no copy); only the asymmetric case (a stride-2 conv on
@@ -167,7 +213,7 @@ def same_conv_input(x: torch.Tensor, kernel: Tuple[int, int], stride: int) -> Tu
 
 
 def conv2d_same(
-        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, groups: int,
         dilation: int = 1,
 ) -> torch.Tensor:
     """``F.conv2d`` with XLA 'SAME' padding (see ``same_conv_input``; a dilated kernel pads as
@@ -190,11 +236,75 @@ class SameConv2d(nn.Conv2d):
         return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups, self.dilation[0])
 
 
-_functorch_active = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
+# --- torch's private probes, for the speed paths --------------------------------------------
+# The hand-written autograd functions (weight standardisation below and in grouped_ws.py, the
+# CPU GELU in gelu.py) have no vmap and no forward-AD rule, so they step aside under torch.func
+# transforms and forward-mode AD. torch has no public query for either. Its private ones are
+# looked up once, here, without calling anything that warns; when one is missing, or fails, the
+# speed paths step aside for good and the reference expressions (plain autograd) run instead.
+
+
+def _find_functorch_probe() -> Optional[Callable[[], bool]]:
+    """``torch._C._are_functorch_transforms_active`` if it exists and answers with a bool."""
+    probe = getattr(torch._C, '_are_functorch_transforms_active', None)
+    try:
+        return probe if callable(probe) and isinstance(probe(), bool) else None
+    except Exception:  # a changed private signature: treat as missing
+        return None
+
+
+def _forward_ad_level_readable() -> bool:
+    """Whether ``torch.autograd.forward_ad`` keeps its open dual level as an int (``-1``: none)."""
+    return isinstance(getattr(torch.autograd.forward_ad, '_current_level', None), int)
+
+
+FUNCTORCH_PROBE: Optional[Callable[[], bool]] = _find_functorch_probe()
+FORWARD_AD_LEVEL_READABLE: bool = _forward_ad_level_readable()
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...) may be running.
+
+    torch's own answer where it has one; True where it has none or the query fails, so that
+    the speed paths step aside (they are only an optimisation).
+    """
+    probe = FUNCTORCH_PROBE
+    if probe is None:
+        return True
+    try:
+        return bool(probe())
+    except Exception:
+        return True
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
+
+    True where this torch keeps no readable level, so that the speed paths step aside.
+    """
+    if not FORWARD_AD_LEVEL_READABLE:
+        return True
+    level = getattr(torch.autograd.forward_ad, '_current_level', None)
+    return not isinstance(level, int) or level >= 0
+
+
+def _autocast_exists(device_type: str) -> bool:
+    """Whether autocast knows ``device_type`` (not e.g. 'meta', where ``torch.autocast`` raises)."""
+    available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
+    return available(device_type) if available is not None else device_type != 'meta'
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device_type`` (nothing to turn off where autocast does not exist)."""
+    if _autocast_exists(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast gives convs on ``device_type``, or None when autocast is off there."""
+    if not _autocast_exists(device_type):
+        return None
     if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     if device_type == 'cuda':
@@ -258,8 +368,14 @@ class _StandardizeWeight(torch.autograd.Function):
 def _standardize_weight_autograd(weight: torch.Tensor, gain: torch.Tensor,
                                  input_scale: float | torch.Tensor, eps: float) -> torch.Tensor:
     """The reference expression, left to autograd (``input_scale``: a constant, or one per row)."""
+    return _standardize_weight_expr(weight, gain * input_scale, eps)
+
+
+def _standardize_weight_expr(weight: torch.Tensor, row_gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """``w_hat = w * scale - mean * scale``, ``scale = rsqrt(max(var * fan_in, eps)) * row_gain``
+    (``row_gain``: gain times input_scale, one per output channel). TorchScript compiles this."""
     var, mean = torch.var_mean(weight, dim=(1, 2, 3), correction=0, keepdim=True)
-    scale = torch.rsqrt(torch.clamp(var * weight[0].numel(), min=eps)) * (gain * input_scale).view(-1, 1, 1, 1)
+    scale = torch.rsqrt(torch.clamp(var * weight[0].numel(), min=eps)) * row_gain.view(-1, 1, 1, 1)
     return weight * scale - mean * scale
 
 
@@ -268,15 +384,18 @@ def standardize_weight(weight: torch.Tensor, gain: torch.Tensor, input_scale: fl
     """DeepMind's scaled weight standardisation (see ``WSConv2d``), float32 math.
 
     CPU: the hand-written autograd function (fewer passes over the weights; ATen's CPU
-    ``var_mean`` is slow). Elsewhere, under ``torch.func`` transforms and while ``torch.jit.trace``
-    or ONNX export records the model: the plain expression,
-    as the function's fast backward branch syncs with the host to test the eps floor. (On a
+    ``var_mean`` is slow). Elsewhere, under ``torch.func`` transforms and forward-mode AD, while
+    ``torch.jit.trace`` or ONNX export records the model and in ``torch.jit.script``: the plain
+    expression, as the function's fast backward branch syncs with the host to test the eps floor. (On a
     GPU an ``NFNet`` standardises its weights in groups by default, ``grouped_ws.py``; this
     per-conv path runs where grouping is off.)
     """
-    with torch.autocast(device_type=weight.device.type, enabled=False):
+    if torch.jit.is_scripting():  # TorchScript compiles the plain expression (the function is Python)
+        return _standardize_weight_expr(weight, gain * input_scale, eps)
+    with autocast_off(weight.device.type):
         # (the function has no vmap rule; torch.jit.trace / ONNX export record the plain expression)
-        if weight.device.type == 'cpu' and not _functorch_active() and not torch.jit.is_tracing():
+        if (weight.device.type == 'cpu' and not torch.jit.is_tracing() and not functorch_active()
+                and not forward_ad_active()):
             return _StandardizeWeight.apply(weight, gain, input_scale, eps)
         return _standardize_weight_autograd(weight, gain, input_scale, eps)
 
@@ -298,7 +417,8 @@ class WSConv2d(nn.Conv2d):
     ``w_hat = (w - mean) * rsqrt(max(var * fan_in, eps)) * gain``, mean and (population)
     variance over each output channel's fan-in; bias always present. ``input_scale`` is a
     constant multiplying the conv's input (an activation's gamma, a block's beta), folded into
-    ``w_hat`` instead of spent as an elementwise op on the feature map.
+    ``w_hat`` instead of spent as an elementwise op on the feature map. ``device`` and ``dtype``
+    are where the parameters are created (as for ``nn.Conv2d``).
     """
 
     def __init__(
@@ -311,10 +431,12 @@ class WSConv2d(nn.Conv2d):
             input_scale: float = 1.0,
             eps: float = 1e-4,
             dilation: int = 1,
+            device: Optional[torch.device | str] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=0, dilation=dilation, groups=groups,
-                         bias=True)
-        self.gain = nn.Parameter(torch.ones(out_chs))
+                         bias=True, device=device, dtype=dtype)
+        self.gain = nn.Parameter(torch.ones(out_chs, device=device, dtype=dtype))
         self.input_scale = float(input_scale)
         self.eps = eps
         self.fan_in = (in_chs // groups) * kernel_size * kernel_size
@@ -333,6 +455,8 @@ class WSConv2d(nn.Conv2d):
         return standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript: this conv's own weight (grouping is eager Python)
+            return conv2d_same(x, self.standardized_weight(), self.bias, self.stride[0], self.groups, self.dilation[0])
         take = None if torch.compiler.is_compiling() else GROUPED.take
         packed = take(self) if take is not None else None  # this conv's weight, standardised with its group
         if packed is not None:
@@ -373,11 +497,12 @@ class SqueezeExcite(nn.Module):
     Returns the (N, C) gate; the block applies it (times 2) to the feature map.
     """
 
-    def __init__(self, chs: int, se_ratio: float = 0.5):
+    def __init__(self, chs: int, se_ratio: float = 0.5, device: Optional[torch.device | str] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         hidden = max(1, int(chs * se_ratio))
-        self.fc1 = nn.Linear(chs, hidden)
-        self.fc2 = nn.Linear(hidden, chs)
+        self.fc1 = nn.Linear(chs, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, chs, device=device, dtype=dtype)
         for fc in (self.fc1, self.fc2):
             # Haiku's Linear default: truncated normal, std 1/sqrt(fan_in), cut at 2 std.
             std = 1.0 / math.sqrt(fc.in_features)
@@ -406,7 +531,8 @@ class StochasticDepthMask(nn.Module):
             return None
         keep = 1.0 - self.rate
         # torch.rand's own draw (empty + uniform_), written so torch.fx can trace the batch size
-        return torch.floor(keep + x.new_empty(x.shape[0], 1).uniform_())
+        # (and the size as a list, as TorchScript's new_empty takes it)
+        return torch.floor(keep + x.new_empty([x.shape[0], 1]).uniform_())
 
     def extra_repr(self) -> str:
         return f'rate={self.rate:.4g}'

@@ -12,8 +12,9 @@ pretrained configs and the ``@register_model`` entry points:
 Symbols follow the paper: ``alpha`` (residual scale), ``beta = 1/expected_std`` (block input
 scale), ``gamma`` (activation gain, folded into the next conv, see ``layers.py``).
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies ``NFNet.forward``'s annotations
+# into the code it generates, where a string annotation becomes a name TorchScript cannot resolve
+# (timm's fx-then-TorchScript path).
 import contextlib
 import dataclasses
 import functools
@@ -26,14 +27,14 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, register_notrace_function
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.layers import ClassifierHead, get_device_dtype, register_notrace_function
+from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 
 from .checkpoint import checkpoint_filter_fn
 from .grouped_ws import plan_groups, standardized_once
-from .layers import Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, _functorch_active, get_act_fn
+from .layers import (
+    Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, forward_ad_active, functorch_active, get_act_fn,
+)
 
 __all__ = ['NfNetCfg', 'NFBlock', 'NFNet', 'MODEL_CFGS']
 
@@ -44,7 +45,7 @@ def _wrappers_that_rerun_forward() -> Tuple[type, ...]:
     checkpointing re-runs a block's forward in the backward (the grouped weights are gone by
     then), and FSDP gathers a block's weights only when that block runs."""
     found = []
-    try:
+    try:  # torch keeps checkpoint_wrapper in a private module only; where it is gone, nothing can wrap with it
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
         found.append(ActivationWrapper)
     except ImportError:
@@ -134,8 +135,11 @@ class NFBlock(nn.Module):
             drop_path_rate: float,
             dilation: int = 1,
             first_dilation: Optional[int] = None,
+            device: Optional[Union[torch.device, str]] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         _, gamma = get_act_fn(activation)
         width = int((out_chs if big_width else in_chs) * expansion)
         groups = width // group_width
@@ -154,17 +158,18 @@ class NFBlock(nn.Module):
             self.pool = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, 1))
         self.conv_shortcut = None
         if transition:
-            self.conv_shortcut = WSConv2d(in_chs, out_chs, 1, input_scale=gamma * beta)
-        self.conv0 = WSConv2d(in_chs, width, 1, input_scale=gamma * beta)
+            self.conv_shortcut = WSConv2d(in_chs, out_chs, 1, input_scale=gamma * beta, **dd)
+        self.conv0 = WSConv2d(in_chs, width, 1, input_scale=gamma * beta, **dd)
         # with output_stride, a stage's stride becomes dilation (timm's rule: the stage's first 3x3
         # keeps the previous dilation, the convs after it take the new one)
-        self.conv1 = WSConv2d(width, width, 3, stride=stride, groups=groups, input_scale=gamma, dilation=first_dilation)
+        self.conv1 = WSConv2d(width, width, 3, stride=stride, groups=groups, input_scale=gamma, dilation=first_dilation,
+                              **dd)
         self.conv1b = WSConv2d(width, width, 3, groups=groups, input_scale=gamma,
-                               dilation=dilation) if use_two_convs else None
-        self.conv2 = WSConv2d(width, out_chs, 1, input_scale=gamma)
-        self.se = SqueezeExcite(out_chs, se_ratio)
+                               dilation=dilation, **dd) if use_two_convs else None
+        self.conv2 = WSConv2d(width, out_chs, 1, input_scale=gamma, **dd)
+        self.se = SqueezeExcite(out_chs, se_ratio, **dd)
         self.drop_path = StochasticDepthMask(drop_path_rate)
-        self.skip_gain = nn.Parameter(torch.zeros(()))
+        self.skip_gain = nn.Parameter(torch.zeros((), **dd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act_in(x)  # gamma * beta live in conv0 / conv_shortcut
@@ -188,17 +193,58 @@ class NFBlock(nn.Module):
         return torch.addcmul(shortcut, out, scale[:, :, None, None])
 
 
+def _shape_str(shape: List[int]) -> str:
+    """A shape as Python prints a tuple, ``(2, 3, 64, 64)``, also inside TorchScript."""
+    return '(' + ', '.join([str(d) for d in shape]) + (',)' if len(shape) == 1 else ')')
+
+
 @register_notrace_function  # a leaf for torch.fx: it checks concrete shapes
 def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
-    """Raise a ``ValueError`` naming what is wrong with an NCHW input batch."""
-    if x.ndim != 4:
-        raise ValueError(f'expected an NCHW batch (4 dims), got shape {tuple(x.shape)}')
-    if x.shape[1] != in_chans:
-        raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
-    if min(x.shape[-2:]) < min_size:
+    """Raise a ``ValueError`` naming what is wrong with an NCHW input batch.
+
+    Written for TorchScript too: a model traced by torch.fx and then scripted calls it directly.
+    """
+    shape: List[int] = list(x.shape)
+    if len(shape) != 4:
+        raise ValueError('expected an NCHW batch (4 dims), got shape ' + _shape_str(shape))
+    if shape[1] != in_chans:
+        raise ValueError(f'expected {in_chans} input channels, got {shape[1]} (shape ' + _shape_str(shape) + ')')
+    if min(shape[2], shape[3]) < min_size:
         raise ValueError(
-            f'input {x.shape[-2]}x{x.shape[-1]} is too small: this NFNet needs at least '
+            f'input {shape[2]}x{shape[3]} is too small: this NFNet needs at least '
             f'{min_size}x{min_size} (its total stride)')
+
+
+def feature_indices(num_features: int, indices: Optional[Union[int, List[int]]] = None) -> Tuple[List[int], int]:
+    """The taps a ``forward_intermediates(indices=...)`` call asks for, in timm's convention.
+
+    Args:
+        num_features: how many taps the model has.
+        indices: None for all of them, an int ``n`` for the last ``n``, or a list of indices
+            (negative ones count from the end).
+
+    Returns:
+        The absolute indices, in the order given, and the largest of them.
+
+    Raises:
+        ValueError: an index out of range, or none selected.
+    """
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f'last-n indices={indices} is out of range (1 to {num_features})')
+        taken = list(range(num_features - indices, num_features))
+    else:
+        taken = []
+        for i in indices:
+            index = num_features + i if i < 0 else i
+            if not 0 <= index < num_features:
+                raise ValueError(f'feature index {i} is out of range ({-num_features} to {num_features - 1})')
+            taken.append(index)
+        if not taken:
+            raise ValueError('indices selects no feature')
+    return taken, max(taken)
 
 
 def _activation_alias(kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -227,10 +273,15 @@ class NFNet(nn.Module):
         output_stride: None (the architecture's own strides), or 32 / 16 / 8: the strides of the
             stages beyond it become dilation (timm's ``output_stride``; 32 changes only
             configs whose total stride is larger).
+        device: where the parameters are created (e.g. ``'cuda'``, or ``'meta'`` for shapes
+            only), as timm's ``create_model(..., device=...)``; the default device if None.
+        dtype: the parameters' dtype (e.g. ``torch.bfloat16``); the default dtype if None.
         **overrides: any ``NfNetCfg`` field (widths, depths, group_width, use_two_convs,
             activation, alpha, se_ratio, drop_rate, drop_path_rate, ...).
+
+    ``min_input_size`` is the network's total stride (32 for F0): below it the deepest stages
+    see only padding.
     """
-    min_input_size: int  # the network's total stride (32 for F0): below it the deepest stages see only padding
 
     def __init__(
             self,
@@ -239,6 +290,8 @@ class NFNet(nn.Module):
             in_chans: int = 3,
             global_pool: str = 'avg',
             output_stride: Optional[int] = None,
+            device: Optional[Union[torch.device, str]] = None,
+            dtype: Optional[torch.dtype] = None,
             **overrides: Any,
     ):
         super().__init__()
@@ -247,7 +300,8 @@ class NFNet(nn.Module):
         if unknown:
             raise TypeError(
                 f'unknown NFNet argument(s) {unknown}; architecture keywords are {sorted(CFG_FIELDS)}, '
-                'plus num_classes, in_chans, global_pool')
+                'plus num_classes, in_chans, global_pool, output_stride, device, dtype')
+        dd = dict(device=device, dtype=dtype)
         overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
         cfg = dataclasses.replace(cfg or NfNetCfg(), **overrides)
         self.cfg = cfg
@@ -255,20 +309,21 @@ class NFNet(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = cfg.drop_rate
         self.grad_checkpointing = False
-        # None: standardise conv weights in groups (grouped_ws.py) on CUDA, per conv elsewhere
-        self.grouped_ws: Optional[bool] = None
+        # None: standardise conv weights in groups (grouped_ws.py) on CUDA, per conv elsewhere; an
+        # Optional[bool] (not annotated here: TorchScript warns about annotated None attributes)
+        self.grouped_ws = None
         _, gamma = get_act_fn(cfg.activation)
 
         s0, s1, s2 = cfg.stem_widths
         stem_out = cfg.widths[0] // 2
         self.stem = nn.Sequential(OrderedDict([
-            ('conv0', WSConv2d(in_chans, s0, 3, stride=2)),
+            ('conv0', WSConv2d(in_chans, s0, 3, stride=2, **dd)),
             ('act0', Activation(cfg.activation, inplace=True)),
-            ('conv1', WSConv2d(s0, s1, 3, input_scale=gamma)),
+            ('conv1', WSConv2d(s0, s1, 3, input_scale=gamma, **dd)),
             ('act1', Activation(cfg.activation, inplace=True)),
-            ('conv2', WSConv2d(s1, s2, 3, input_scale=gamma)),
+            ('conv2', WSConv2d(s1, s2, 3, input_scale=gamma, **dd)),
             ('act2', Activation(cfg.activation)),  # its input is the stride-2 feature tap
-            ('conv3', WSConv2d(s2, stem_out, 3, stride=2, input_scale=gamma)),
+            ('conv3', WSConv2d(s2, stem_out, 3, stride=2, input_scale=gamma, **dd)),
         ]))
         self.feature_info = [dict(num_chs=s2, reduction=2, module='stem.conv2')]
 
@@ -296,6 +351,7 @@ class NFNet(nn.Module):
                     se_ratio=cfg.se_ratio,
                     activation=cfg.activation,
                     drop_path_rate=cfg.drop_path_rate * index / num_blocks,
+                    **dd,
                 ))
                 in_chs, index = width, index + 1
                 if block_idx == 0:
@@ -308,10 +364,11 @@ class NFNet(nn.Module):
         self.min_input_size = reduction
 
         self.num_features = self.head_hidden_size = int(cfg.final_conv_mult * in_chs)
-        self.final_conv = WSConv2d(in_chs, self.num_features, 1)
+        self.final_conv = WSConv2d(in_chs, self.num_features, 1, **dd)
         self.final_act = Activation(cfg.activation, scale=gamma)
         self.feature_info[-1] = dict(num_chs=self.num_features, reduction=reduction, module='final_conv')
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=cfg.drop_rate)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=cfg.drop_rate,
+                                   **dd)
         self._init_classifier()
 
     def _init_classifier(self) -> None:
@@ -347,21 +404,24 @@ class NFNet(nn.Module):
         """
         self.grouped_ws = enable
 
-    def _use_grouped_ws(self) -> bool:
+    def _use_grouped_ws(self, x: torch.Tensor) -> bool:
+        """Whether this forward (of input ``x``) standardises its conv weights in groups."""
         if (self.grad_checkpointing and self.training) or torch.compiler.is_compiling():
             return False
-        if torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_tracing():
+        if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
             return False  # a trace records each conv's own expression (the grouped function is Python)
-        if _functorch_active() or torch.autograd.forward_ad._current_level >= 0:
+        if functorch_active() or forward_ad_active():
             return False  # the hand-written autograd function has no vmap or forward-AD rule
         if self.grouped_ws is not None:
             return self.grouped_ws
         param = next(self.parameters(), None)
         return param is not None and param.is_cuda
 
-    def _standardized_once(self, stages: Sequence[nn.Module], final: bool = True) -> contextlib.AbstractContextManager:
-        """A context in which the convs of the stem, ``stages`` and final conv use grouped weights."""
-        if not self._use_grouped_ws():
+    def _standardized_once(self, x: torch.Tensor, stages: Sequence[nn.Module],
+                           final: bool = True) -> contextlib.AbstractContextManager:
+        """A context in which the convs of the stem, ``stages`` and final conv use grouped weights
+        (for a forward of input ``x``)."""
+        if not self._use_grouped_ws(x):
             return contextlib.nullcontext()
         wrappers, segments = _wrappers_that_rerun_forward(), []
         for segment in [self.stem, *stages] + ([self.final_conv] if final else []):
@@ -385,7 +445,8 @@ class NFNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        # on the model's device and in its dtype (the head alone has none once its fc is gone)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
         self._init_classifier()
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -408,10 +469,10 @@ class NFNet(nn.Module):
             raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
         self.check_input(x)
         num_stages = len(self.stages)
-        take_indices, max_index = feature_take_indices(num_stages + 1, indices)
+        take_indices, max_index = feature_indices(num_stages + 1, indices)
         intermediates = []
         stages = self.stages if not stop_early else self.stages[:max_index]
-        with self._standardized_once(stages, final=len(stages) == num_stages):
+        with self._standardized_once(x, stages, final=len(stages) == num_stages):
             for name, module in self.stem.named_children():
                 x = module(x)
                 if name == 'conv2' and 0 in take_indices:
@@ -434,7 +495,7 @@ class NFNet(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        take_indices, max_index = feature_indices(len(self.stages) + 1, indices)
         prune_end = max_index < len(self.stages)
         if prune_end:
             self.final_conv = nn.Identity()
@@ -452,14 +513,18 @@ class NFNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stages, final conv and its (gamma-scaled) activation: the map before pooling."""
         self.check_input(x)
-        with self._standardized_once(self.stages):
-            x = self.stem(x)
-            if self.grad_checkpointing and self.training:
-                x = checkpoint_seq(self.stages, x)
-            else:
-                x = self.stages(x)
-            x = self.final_conv(x)
-        return self.final_act(x)
+        if torch.jit.is_scripting():  # TorchScript: each conv standardises its own weight
+            return self._features(x)
+        with self._standardized_once(x, self.stages):
+            return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.final_act(self.final_conv(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -509,24 +574,23 @@ def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.M
 
 
 def _check_inputs_of(features: nn.Module, in_chans: int) -> None:
-    """The input check of ``forward_features`` for timm's feature wrappers (list/dict/hook),
+    """The input check of ``forward_features`` for timm's feature wrappers (list/dict/hook/fx),
     as a forward pre-hook; the minimum size is the deepest returned feature's stride."""
     reductions = features.feature_info.reduction()
     if not reductions:
         raise ValueError('features_only: out_indices selects no feature (a tuple of indices into the 5 taps, '
                          'e.g. (1, 2, 3, 4), or an int n for the last n)')
-    features.register_forward_pre_hook(_InputCheck(in_chans, max(reductions)))
+    features.nfnet_in_chans, features.nfnet_min_input_size = in_chans, max(reductions)
+    features.register_forward_pre_hook(_check_features_input)
 
 
-class _InputCheck:
-    """A forward pre-hook running ``check_input`` (a class, not a closure: models must pickle)."""
-
-    def __init__(self, in_chans: int, min_size: int):
-        self.in_chans, self.min_size = in_chans, min_size
-
-    def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            check_input(args[0], self.in_chans, self.min_size)
+def _check_features_input(module: nn.Module, args: Tuple[torch.Tensor]) -> None:
+    """A feature wrapper's forward pre-hook running ``check_input``, with the numbers kept on the
+    wrapper: a module-level function, so that the model pickles and TorchScript compiles it."""
+    if not torch.jit.is_scripting():
+        if not args or not isinstance(args[0], torch.Tensor):
+            return  # called with keywords: nothing this hook can see
+    check_input(args[0], module.nfnet_in_chans, module.nfnet_min_input_size)
 
 
 def _is_hub_miss(e: Exception) -> bool:
@@ -537,7 +601,7 @@ def _is_hub_miss(e: Exception) -> bool:
 def _hub_miss_note(variant: str, kwargs: Dict[str, Any]) -> str:
     """What a failed weight download was after: huggingface_hub's own message names neither
     the repo nor the offline setting."""
-    from timm.models._builder import resolve_pretrained_cfg
+    from timm.models import resolve_pretrained_cfg
     try:
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
         where = f'{cfg.hf_hub_id}/{cfg.hf_hub_filename or "model.safetensors"}'
