@@ -7,17 +7,15 @@ outputs. A failure leaves no file behind (and removes the output folder if this 
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 
 from timm_nfnet_ext import __version__ as EXT_VERSION
 from timm_nfnet_ext.convert import conversion_cfg, save_model_folder
+from timm_nfnet_ext.files import PathLike, staged_folder
 
 from .card import render_card
 from .manifest import Release
@@ -26,7 +24,6 @@ from .validate import BuiltModel, ValidationError, build_and_validate, fixed_inp
 
 __all__ = ['FILES', 'BuildResult', 'build_release', 'converter_name']
 
-PathLike = Union[str, os.PathLike]
 FILES = ('model.safetensors', 'config.json', 'README.md')
 
 
@@ -103,20 +100,9 @@ def _write_staged(built: BuiltModel, stage: Path, repo_id: str, label: str, sour
 
 def write_release_folder(built: BuiltModel, out_dir: PathLike, repo_id: str, label: str, source_sha256: str) -> Path:
     """Write the three files into ``out_dir``, all or nothing."""
-    out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix='.tmp-release-') as tmp:
-            stage = Path(tmp)
-            _write_staged(built, stage, repo_id, label, source_sha256)
-            for name in FILES:
-                os.replace(stage / name, out_dir / name)
-    except BaseException:
-        if created and not any(out_dir.iterdir()):
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    return out_dir
+    with staged_folder(out_dir, FILES) as stage:
+        _write_staged(built, stage, repo_id, label, source_sha256)
+    return Path(out_dir)
 
 
 def build_release(

@@ -17,13 +17,14 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tqdm.auto import tqdm
 
+from timm_nfnet_ext.files import PathLike
+
 __all__ = ['GitMirrorError', 'mirror_repo_path', 'commit_folder', 'LFS_PATTERNS']
 
-PathLike = Union[str, os.PathLike]
 LFS_PATTERNS = ('*.safetensors', '*.bin', '*.pth', '*.npz', '*.pkl')
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub refuses plain git files above 10 MiB
 GITATTRIBUTES = ''.join(f'{p} filter=lfs diff=lfs merge=lfs -text\n' for p in LFS_PATTERNS)

@@ -18,7 +18,6 @@ from typing import Any, Dict, Mapping, Optional, Union
 __all__ = ['Release', 'ManifestError', 'DEFAULT_MANIFEST', 'load_manifest', 'get_release']
 
 DEFAULT_MANIFEST = Path(__file__).with_name('manifest.json')
-PathLike = Union[str, os.PathLike]
 
 
 class ManifestError(ValueError):
@@ -117,7 +116,7 @@ def _origin(value: Any, key: str, where: str) -> str:
     return value
 
 
-def load_manifest(path: Optional[PathLike] = None) -> Dict[str, Release]:
+def load_manifest(path: Optional[Union[str, 'os.PathLike[str]']] = None) -> Dict[str, Release]:
     """Read a manifest (the packaged one by default) into ``{key: Release}``."""
     path = Path(path) if path is not None else DEFAULT_MANIFEST
     try:
@@ -131,7 +130,7 @@ def load_manifest(path: Optional[PathLike] = None) -> Dict[str, Release]:
     return {k: _release_from_dict(k, v, str(path)) for k, v in data['releases'].items()}
 
 
-def get_release(name: str, manifest: Optional[PathLike] = None) -> Release:
+def get_release(name: str, manifest: Optional[Union[str, 'os.PathLike[str]']] = None) -> Release:
     """Look a release up by key (``F0``) or repo name (``nfnet_f0.dm_in1k``)."""
     releases = load_manifest(manifest)
     if name in releases:

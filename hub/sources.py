@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Optional, Tuple, Union
+from typing import BinaryIO, Optional, Tuple
 from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
 from timm_nfnet_ext.checkpoint import sniff_checkpoint_format
+from timm_nfnet_ext.files import PathLike, atomic_path
 
 from .manifest import Release
 
 __all__ = ['SourceError', 'resolve_source', 'check_source_file', 'sha256_file', 'default_cache_dir']
 
-PathLike = Union[str, os.PathLike]
 _CHUNK = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60.0
 
@@ -102,24 +101,20 @@ def download(url: str, cache_dir: PathLike, size: Optional[int] = None,
         except SourceError:
             pass  # a stale or damaged copy: fetch it again
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f'.{name}.', suffix='.part')
     try:
-        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            length = response.headers.get('Content-Length')
-            length = int(length) if length is not None else None
-            if size is not None and length is not None and length != size:
-                raise SourceError(f'{url}: the server announces {length:,} bytes, the manifest says {size:,}')
-            got = _copy_with_progress(response, out, length or size, name)
-        if length is not None and got != length:
-            raise SourceError(f'{url}: download cut short ({got:,} of {length:,} bytes)')
-        digest = check_source_file(tmp, size, sha256)
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:
+            with open(tmp, 'wb') as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                length = response.headers.get('Content-Length')
+                length = int(length) if length is not None else None
+                if size is not None and length is not None and length != size:
+                    raise SourceError(f'{url}: the server announces {length:,} bytes, the manifest says {size:,}')
+                got = _copy_with_progress(response, out, length or size, name)
+            if length is not None and got != length:
+                raise SourceError(f'{url}: download cut short ({got:,} of {length:,} bytes)')
+            digest = check_source_file(tmp, size, sha256)
         return final, digest
     except (urllib.error.URLError, OSError) as e:
         raise SourceError(f'cannot download {url}: {e}') from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _hub_file(repo_id: str) -> Path:

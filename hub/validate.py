@@ -15,10 +15,9 @@ Checks, each raising ``ValidationError`` with what failed:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,13 +25,13 @@ import torch.nn as nn
 
 from timm_nfnet_ext.checkpoint import detect_layout, load_checkpoint_file
 from timm_nfnet_ext.convert import build_model_from_state
+from timm_nfnet_ext.files import PathLike
 
 from .manifest import Release
 from .timm_reference import timm_reference_model
 
 __all__ = ['ValidationError', 'BuiltModel', 'build_and_validate', 'fixed_input', 'check_outputs', 'OUTPUT_RTOL']
 
-PathLike = Union[str, os.PathLike]
 OUTPUT_RTOL = 1e-4       # max |ours - reference| / max(1, max |reference|), float32 reference outputs
 TIMM_RTOL = 1e-6         # the same, against timm's model, both run in float64
 TENSOR_ATOL = 1e-6       # two copies of the same weights, tensor by tensor

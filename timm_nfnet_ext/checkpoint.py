@@ -26,13 +26,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .files import PathLike
+
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'read_deepmind_pickle', 'load_checkpoint_file',
     'sniff_checkpoint_format', 'detect_layout', 'deepmind_to_native', 'timm_to_native', 'native_to_timm',
     'checkpoint_filter_fn', 'check_state_dict',
 ]
 
-PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
 
 

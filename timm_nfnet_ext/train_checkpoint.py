@@ -7,17 +7,17 @@ previous file or the new one, never half of one.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .files import atomic_path, write_text_atomic
 from .train_recipe import TrainError
 
 __all__ = ['FORMAT', 'capture_rng', 'restore_rng', 'save_atomic', 'copy_atomic', 'write_text_atomic',
@@ -58,27 +58,7 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-# --- atomic files ----------------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-
-
-@contextlib.contextmanager
-def atomic_path(path: os.PathLike) -> Iterator[Path]:
-    """Yield a temporary name next to ``path`` to write; on success it is renamed over ``path``.
-
-    On an exception (or a kill) ``path`` keeps its old content and the temporary is removed
-    (a killed run's leftovers match ``remove_stale_temps``)."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        tmp.unlink(missing_ok=True)
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
+# --- atomic files (timm_nfnet_ext.files) ------------------------------------------------------
 def save_atomic(obj: Any, path: os.PathLike) -> Path:
     """``torch.save`` to a temporary name next to ``path``, fsync, rename over ``path``."""
     with atomic_path(path) as tmp, open(tmp, 'wb') as f:
@@ -96,13 +76,6 @@ def copy_atomic(src: os.PathLike, dst: os.PathLike) -> Path:
         except OSError:
             shutil.copyfile(src, tmp)
     return Path(dst)
-
-
-def write_text_atomic(text: str, path: os.PathLike) -> Path:
-    """Write a text file through a temporary name and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
 
 
 def remove_stale_temps(folder: os.PathLike) -> List[Path]:

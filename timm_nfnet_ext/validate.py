@@ -30,6 +30,7 @@ import timm
 from timm.utils import AverageMeter, accuracy
 
 from .checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint_file
+from .files import atomic_path
 from .data import FileImageDataset, ImageDecodeError, create_eval_transform
 from .train_recipe import KwargsAction
 
@@ -249,15 +250,13 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
 
 def write_results(results: Dict[str, Any], path: str, fmt: str) -> None:
     """Writes one results row (csv) or object (json) to ``path``, replacing it atomically."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', newline='') as f:
+    with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
         if fmt == 'json':
             json.dump(results, f, indent=4)
         else:
             w = csv.DictWriter(f, fieldnames=list(results))
             w.writeheader()
             w.writerow(results)
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,7 +8,7 @@ Datasets without files (``torch/`` sets, the built-in digits) pass their decoded
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
 from torch.utils.data import Dataset

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 __all__ = ['ImageDecodeError', 'decode_image', 'image_format']
-
-PathLike = Union[str, 'os.PathLike[str]']
 
 _JPEG, _PNG, _GIF = 'JPEG', 'PNG', 'GIF'
 _REFUSED = {
