@@ -443,8 +443,14 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(digits_d
 
 # --- the quick start and timm's train.py -------------------------------------------------------
 def test_quickstart_reaches_90_percent_exports_and_reloads(tmp_path):
-    code, out, err = run_main(['--quickstart', '--output', tmp_path / 'qs'])
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        code, out, err = run_main(['--quickstart', '--output', tmp_path / 'qs'])
     assert code == 0, err
+    # a quiet run: no Python warning, and nothing on stderr (torch logs some warnings there)
+    assert not caught, [f'{w.filename}:{w.lineno}: {w.message}' for w in caught]
+    assert err == '', err
     rows = list(csv.DictReader((tmp_path / 'qs' / 'summary.csv').open()))
     best = max(float(r['eval_top1']) for r in rows)
     assert best >= 90.0, out[-3000:]
