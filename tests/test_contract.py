@@ -293,3 +293,30 @@ def test_agc_registry_without_timm_default_registry(monkeypatch):
     info = agc_registry.register_agc_optimizer('sgdtestagc', torch.optim.SGD, registry=mine)
     assert mine.get_optimizer_info('sgdtestagc') is info
     assert 'sgdtestagc' not in timm.optim.list_optimizers()
+
+
+# --- the base install ---------------------------------------------------------------------------
+BASE_ONLY = textwrap.dedent('''
+    import sys
+    # the optional extras ([train], [hub], [test], [docs]) are absent: importing one fails, and
+    # importlib.util.find_spec reports it missing (pyyaml comes with huggingface_hub, a base need)
+    BLOCKED = ['sklearn', 'matplotlib', 'olah', 'onnx', 'onnxruntime', 'pytest', 'mkdocs']
+    for name in BLOCKED:
+        sys.modules[name] = None
+    import numpy as np, timm, torch, timm_nfnet_ext
+    from timm_nfnet_ext.data import create_eval_transform
+    import timm_nfnet_ext.validate, timm_nfnet_ext.convert
+    model = timm.create_model('nfnet_f0', widths=(32, 64, 96, 96), depths=(1, 1, 1, 1), group_width=16).eval()
+    x = create_eval_transform(model, img_size=64)(np.zeros((50, 60, 3), np.uint8))
+    assert model(x[None]).shape == (1, 1000)
+    opt = timm.optim.create_optimizer_v2(model, 'sgdagc', lr=0.1, clipping=0.01)
+    assert [m for m in BLOCKED if sys.modules.get(m) is not None] == []
+    print('ok')
+''')
+
+
+def test_base_install_imports_and_runs_without_the_extras():
+    """No optional extra is needed to import, build a model, preprocess, forward, make an AGC
+    optimizer, or import the validate and convert commands."""
+    res = subprocess.run([sys.executable, '-c', BASE_ONLY], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == 'ok', res.stderr[-3000:]
