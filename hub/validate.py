@@ -26,11 +26,12 @@ import torch.nn as nn
 from timm_nfnet_ext.checkpoint import detect_layout, load_checkpoint_file
 from timm_nfnet_ext.convert import build_model_from_state
 from timm_nfnet_ext.files import PathLike
+from timm_nfnet_ext.variants import variant_of
 
 from .manifest import Release
 from .timm_reference import timm_reference_model
 
-__all__ = ['ValidationError', 'BuiltModel', 'build_and_validate', 'fixed_input', 'check_outputs', 'OUTPUT_RTOL']
+__all__ = ['ValidationError', 'BuiltModel', 'build_and_validate', 'check_release_facts', 'fixed_input', 'check_outputs', 'OUTPUT_RTOL']
 
 OUTPUT_RTOL = 1e-4       # max |ours - reference| / max(1, max |reference|), float32 reference outputs
 TIMM_RTOL = 1e-6         # the same, against timm's model, both run in float64
@@ -155,6 +156,24 @@ def load_model(src: PathLike, release: Release) -> Tuple[nn.Module, Mapping[str,
     return build_model_from_state(state, release.model, release.model_kwargs), state, detect_layout(state)
 
 
+def check_release_facts(release: Release) -> None:
+    """A DeepMind release's sizes, parameter count, accuracy and source must be the variant
+    table's (``timm_nfnet_ext.variants``): the manifest and the model card cannot drift from it.
+
+    Raises:
+        ValidationError: naming each field that differs.
+    """
+    variant = variant_of(release.model)
+    if not release.from_deepmind or variant is None or release.model != variant.name:
+        return
+    expected = dict(train_size=variant.train_size, test_size=variant.test_size, params_m=variant.params_m,
+                    top1=variant.top1, top5=variant.top5, source_url=variant.weights_url)
+    wrong = [f'{k} {getattr(release, k)!r} (the variant table says {v!r})'
+             for k, v in expected.items() if getattr(release, k) != v]
+    if wrong:
+        raise ValidationError(f'{release.model}: the manifest disagrees with DeepMind\'s release: ' + '; '.join(wrong))
+
+
 def build_and_validate(
         release: Release,
         src: PathLike,
@@ -166,6 +185,7 @@ def build_and_validate(
 
     ``cross_check_label`` names the second copy in messages and the card (default: its file name).
     """
+    check_release_facts(release)
     model, state, layout = load_model(src, release)
     built = BuiltModel(release, model, Path(src), layout)
     built.record(f'source layout: {layout}; loads strictly',

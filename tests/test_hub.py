@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from timm_nfnet_ext import MODEL_CFGS, checkpoint
 from timm_nfnet_ext.checkpoint import native_to_timm, read_deepmind_pickle, timm_to_native
 from timm_nfnet_ext.convert import build_model_from_state
-from timm_nfnet_ext.nfnet import F_RESOLUTIONS, HUB_NAMESPACE_ENV
+from timm_nfnet_ext.nfnet import HUB_NAMESPACE_ENV
+from timm_nfnet_ext.variants import F_VARIANTS
 
 from timm_nfnet_hub import publish
 from timm_nfnet_hub.gitmirror import GitMirrorError, commit_folder, mirror_repo_path
@@ -106,7 +107,10 @@ def test_manifest_lists_the_released_weights():
     assert list(releases) == [f'F{i}' for i in range(7)]
     for i, (key, r) in enumerate(releases.items()):
         assert r.source_url == f'https://storage.googleapis.com/dm-nfnets/F{i}_haiku.npz'
-        assert (r.train_size, r.test_size) == F_RESOLUTIONS[i]
+        v = F_VARIANTS[i]
+        assert (r.train_size, r.test_size, r.params_m, r.top1, r.top5) == \
+            (v.train_size, v.test_size, v.params_m, v.top1, v.top5)
+        assert r.source_url == v.weights_url
         assert r.model == f'nfnet_f{i}' and r.repo_name == f'nfnet_f{i}.dm_in1k' and r.license == 'apache-2.0'
         with torch.device('meta'):
             n = sum(p.numel() for p in timm.create_model(r.model).parameters())
@@ -621,3 +625,17 @@ def test_release_config_follows_the_architecture():
     for bad in ('nfnet_f0.DM-In1k', 'x.nfnet_f0.v2'):
         with pytest.raises(ManifestError, match='after its dot comes the pretrained tag'):
             _release_from_dict('r', _release({}, params_m=1.0, repo_name=bad), 'test')
+
+
+def test_deepmind_releases_must_agree_with_the_variant_table():
+    import dataclasses
+    from timm_nfnet_hub.validate import ValidationError, check_release_facts
+    releases = load_manifest()
+    for release in releases.values():
+        check_release_facts(release)  # the shipped manifest agrees
+    f1 = releases['F1']
+    with pytest.raises(ValidationError, match=r'top1 84.9 \(the variant table says 84.7\)'):
+        check_release_facts(dataclasses.replace(f1, top1=84.9))
+    with pytest.raises(ValidationError, match='test_size 256'):
+        check_release_facts(dataclasses.replace(f1, test_size=256))
+    check_release_facts(dataclasses.replace(f1, origin='custom', top1=12.0))  # not DeepMind's claim

@@ -30,6 +30,7 @@ from timm.models import save_for_hf
 
 from . import __version__
 from .checkpoint import CheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file
+from .variants import reference_crop_pct
 
 __all__ = ['build_model_from_state', 'list_nfnets', 'save_model_folder', 'is_release_conversion', 'conversion_cfg',
            'convert', 'main']
@@ -181,8 +182,8 @@ def conversion_cfg(model: nn.Module, release_weights: bool, tag: Optional[str] =
         chans = getattr(model, 'in_chans', 3)
         train = input_size if input_size is not None else cfg['input_size'][-1]
         test = test_input_size if test_input_size is not None else train
-        cfg = pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test), train / (train + 32),
-                                      test / (test + 32))
+        cfg = pretrained_cfg_for_data(model, (chans, train, train), (chans, test, test),
+                                      reference_crop_pct(train), reference_crop_pct(test))
     if not release_weights:
         cfg.pop('tag', None)
         cfg.pop('origin_url', None)

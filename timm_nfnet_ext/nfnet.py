@@ -31,6 +31,8 @@ from timm.layers import ClassifierHead, get_device_dtype, register_notrace_funct
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 
 from .checkpoint import checkpoint_filter_fn
+from .variants import (F_VARIANTS, NFNET_WIDTHS, PLUS_WIDTHS, SERESNEXT_WIDTHS, Variant,
+                       reference_crop_pct)
 from .grouped_ws import plan_groups, standardized_once
 from .layers import (
     Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, forward_ad_active, functorch_active, get_act_fn,
@@ -534,23 +536,16 @@ class NFNet(nn.Module):
 
 
 # --- architectures ---------------------------------------------------------------------------
-_F_DEPTHS = {i: (i + 1, 2 * (i + 1), 6 * (i + 1), 3 * (i + 1)) for i in range(8)}
-_F_DROP = (0.2, 0.3, 0.4, 0.4, 0.5, 0.5, 0.5, 0.5)
-# (train px, test px) of each F variant, from the reference's `nfnet_params`.
-F_RESOLUTIONS = {0: (192, 256), 1: (224, 320), 2: (256, 352), 3: (320, 416),
-                 4: (384, 512), 5: (416, 544), 6: (448, 576), 7: (480, 608)}
-_RESNEXT_WIDTHS = (256, 512, 1024, 2048)
-
+# Depths, widths and dropout come from the one table of variant facts (variants.py).
 MODEL_CFGS: Dict[str, NfNetCfg] = {}
-for _i in range(8):
-    MODEL_CFGS[f'nfnet_f{_i}'] = NfNetCfg(depths=_F_DEPTHS[_i], drop_rate=_F_DROP[_i])
-    MODEL_CFGS[f'nfnet_f{_i}_plus'] = NfNetCfg(
-        depths=_F_DEPTHS[_i], widths=(384, 768, 2048, 2048), drop_rate=_F_DROP[_i])
-for _i in range(4):
-    MODEL_CFGS[f'nf_seresnextd_f{_i}'] = NfNetCfg(
-        depths=_F_DEPTHS[_i], widths=_RESNEXT_WIDTHS, use_two_convs=False, drop_rate=_F_DROP[_i])
-MODEL_CFGS['nf_seresnext50d'] = NfNetCfg(depths=(3, 4, 6, 3), widths=_RESNEXT_WIDTHS, use_two_convs=False)
-MODEL_CFGS['nf_seresnext101d'] = NfNetCfg(depths=(3, 4, 23, 3), widths=_RESNEXT_WIDTHS, use_two_convs=False)
+for _v in F_VARIANTS:
+    MODEL_CFGS[_v.name] = NfNetCfg(depths=_v.depths, widths=NFNET_WIDTHS, drop_rate=_v.drop_rate)
+    MODEL_CFGS[f'{_v.name}_plus'] = NfNetCfg(depths=_v.depths, widths=PLUS_WIDTHS, drop_rate=_v.drop_rate)
+for _v in F_VARIANTS[:4]:
+    MODEL_CFGS[f'nf_seresnextd_f{_v.index}'] = NfNetCfg(
+        depths=_v.depths, widths=SERESNEXT_WIDTHS, use_two_convs=False, drop_rate=_v.drop_rate)
+MODEL_CFGS['nf_seresnext50d'] = NfNetCfg(depths=(3, 4, 6, 3), widths=SERESNEXT_WIDTHS, use_two_convs=False)
+MODEL_CFGS['nf_seresnext101d'] = NfNetCfg(depths=(3, 4, 23, 3), widths=SERESNEXT_WIDTHS, use_two_convs=False)
 
 
 def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -627,8 +622,8 @@ def _cfg(train_px: int = 224, test_px: int = 256, **kwargs: Any) -> Dict[str, An
         'pool_size': (-(-train_px // 32), -(-train_px // 32)),
         # resize S+32, crop S at either size: the reference's rule at the test size, and the same
         # rule at the train size (one crop_pct for both would resize to 216, not 224, at 192 px)
-        'crop_pct': train_px / (train_px + 32),
-        'test_crop_pct': test_px / (test_px + 32),
+        'crop_pct': reference_crop_pct(train_px),
+        'test_crop_pct': reference_crop_pct(test_px),
         'crop_mode': 'squash',
         'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN,
@@ -657,17 +652,21 @@ def hub_repo_id(arch: str, tag: str = 'dm_in1k') -> str:
     return f'{namespace}/{arch}.{tag}' if namespace else f'timm/dm_{arch}.{tag}'
 
 
-def _weights_cfg(i: int) -> Dict[str, Any]:
+def _sizes(v: Variant) -> Tuple[int, int]:
+    return v.train_size, v.test_size
+
+
+def _weights_cfg(v: Variant) -> Dict[str, Any]:
     # named explicitly, so timm loads model.safetensors and never falls back to a pickled
     # pytorch_model.bin (and an offline miss names the file that is missing)
-    return _cfg(*F_RESOLUTIONS[i], hf_hub_id=hub_repo_id(f'nfnet_f{i}'), hf_hub_filename='model.safetensors')
+    return _cfg(*_sizes(v), hf_hub_id=hub_repo_id(v.name), hf_hub_filename='model.safetensors')
 
 
 default_cfgs = generate_default_cfgs({
-    **{f'nfnet_f{i}.dm_in1k': _weights_cfg(i) for i in range(7)},
-    'nfnet_f7': _cfg(*F_RESOLUTIONS[7]),
-    **{f'nfnet_f{i}_plus': _cfg(*F_RESOLUTIONS[i]) for i in range(8)},
-    **{f'nf_seresnextd_f{i}': _cfg(*F_RESOLUTIONS[i]) for i in range(4)},
+    **{f'{v.name}.dm_in1k' if v.top1 is not None else v.name:
+       _weights_cfg(v) if v.top1 is not None else _cfg(*_sizes(v)) for v in F_VARIANTS},
+    **{f'{v.name}_plus': _cfg(*_sizes(v)) for v in F_VARIANTS},
+    **{f'nf_seresnextd_f{v.index}': _cfg(*_sizes(v)) for v in F_VARIANTS[:4]},
     'nf_seresnext50d': _cfg(224, 256),
     'nf_seresnext101d': _cfg(224, 256),
 })

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import FileImageDataset, create_eval_transform
+from .variants import reference_crop_pct
 from .train_recipe import TrainError
 
 __all__ = ['DigitsDataset', 'SeededDataset', 'EpochSampler', 'build_datasets', 'build_loader',
@@ -305,7 +306,7 @@ def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
     if val is not None and args.val_preprocess == 'reference':
         s = _reference_val_size(args, cfg, pretrained_cfg)
         val = FileImageDataset(val, create_eval_transform(img_size=s, mean=cfg['mean'], std=cfg['std']))
-        cfg = dict(cfg, val_preprocess='reference', val_input_size=(3, s, s), val_crop_pct=s / (s + 32))
+        cfg = dict(cfg, val_preprocess='reference', val_input_size=(3, s, s), val_crop_pct=reference_crop_pct(s))
     elif val is not None:
         val.transform = create_transform(
             cfg['input_size'], is_training=False, interpolation=cfg['interpolation'], mean=cfg['mean'],

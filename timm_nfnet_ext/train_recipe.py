@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ['build_parser', 'resolve_settings', 'paper_recipe', 'quickstart_recipe', 'RECIPES',
@@ -206,28 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- recipes ---------------------------------------------------------------------------------
 
-_VARIANT = re.compile(r'^(?:nfnet|nf_seresnextd)_f(\d)(?:_plus)?$')
-_RANDAUG_MAGNITUDE = (5, 10, 10, 15, 15, 15, 15, 15)  # reference 'randaugment_4xx' level per F variant
-
-
-def _variant(model: str) -> Optional[int]:
-    m = _VARIANT.match(model)
-    return int(m.group(1)) if m else None
-
-
 def paper_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
     """DeepMind's NFNet training settings for ``model`` (NFNETS.md), and notes about them.
 
     The learning rate is left to the batch rule: ``0.1 * global_batch / 256`` (--lr-base 0.1,
     --lr-base-size 256, linear). Resolution, RandAugment level and dropout follow the variant.
     """
-    from .nfnet import F_RESOLUTIONS, MODEL_CFGS
+    from .nfnet import MODEL_CFGS
+    from .variants import F_VARIANTS, variant_of
     notes: List[str] = []
-    i = _variant(model)
-    if i is None:
+    variant = variant_of(model)
+    if variant is None:
         notes.append(f'{model} is not an F0..F7 variant: using F0\'s augmentation level and '
                      f'{"its own dropout" if model in MODEL_CFGS else "the model default dropout"}')
-    level = _RANDAUG_MAGNITUDE[i or 0]
+    level = (variant or F_VARIANTS[0]).randaug_magnitude
     recipe: Dict[str, Any] = dict(
         opt='sgd', momentum=0.9, weight_decay=2e-5, agc=0.01, agc_eps=1e-3,
         lr=None, lr_base=0.1, lr_base_size=256, lr_base_scale='linear',
@@ -239,8 +230,8 @@ def paper_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
     )
     if model in MODEL_CFGS:
         recipe['drop'] = MODEL_CFGS[model].drop_rate
-    if i is not None:
-        recipe['img_size'] = F_RESOLUTIONS[i][0]
+    if variant is not None:
+        recipe['img_size'] = variant.train_size
     return recipe, notes
 
 

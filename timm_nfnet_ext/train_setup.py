@@ -24,6 +24,7 @@ from . import train_checkpoint as ckpt_io
 from .convert import missing_folders, remove_empty_folders
 from .train_data import EpochSampler, build_datasets, build_loader, num_classes_of
 from .train_recipe import TrainError
+from .variants import REFERENCE_PADDING
 
 __all__ = ['DistInfo', 'Run', 'init_distributed', 'prepare', 'PaperEma', 'resolve_optimizer']
 
@@ -431,7 +432,7 @@ def _describe_validation(cfg: Dict[str, Any]) -> str:
     """Which eval pipeline validates, in words (printed and saved with the settings)."""
     size = cfg['val_input_size'][-1]
     if cfg['val_preprocess'] == 'reference':
-        return (f"reference (DeepMind's eval pipeline: TF bicubic to {size + 32} px, centre crop "
+        return (f"reference (DeepMind's eval pipeline: TF bicubic to {size + REFERENCE_PADDING} px, centre crop "
                 f'{size}, unclamped)')
     return f"timm (create_transform: {cfg['interpolation']}, crop_pct {cfg['val_crop_pct']:.4f}, {size} px)"
 

@@ -31,6 +31,7 @@ from timm.utils import AverageMeter, accuracy
 
 from .checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint_file
 from .files import atomic_path
+from .variants import reference_crop_pct
 from .data import FileImageDataset, ImageDecodeError, create_eval_transform
 from .train_recipe import KwargsAction
 
@@ -109,7 +110,7 @@ def _transform(args: argparse.Namespace, model: torch.nn.Module) -> Tuple[Any, D
     if args.preprocess == 'reference':
         t = create_eval_transform(model, img_size=args.img_size)
         h, w = t.img_size
-        cfg = dict(input_size=(3, h, w), interpolation='tf-bicubic', crop_pct=h / (h + 32),
+        cfg = dict(input_size=(3, h, w), interpolation='tf-bicubic', crop_pct=reference_crop_pct(h),
                    crop_mode='squash', mean=t.mean, std=t.std)
         return t, cfg
     overrides = {'img_size': args.img_size} if args.img_size else {}

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from .decode import ImageDecodeError, decode_image, read_image_bytes
+from ..variants import REFERENCE_PADDING
 from .resize import resize_crop
 
-__all__ = ['REFERENCE_PADDING', 'ReferenceEvalTransform', 'create_eval_transform']
-
-REFERENCE_PADDING = 32  # 'resize_crop_32': resize to S + 32, crop S
+__all__ = ['ReferenceEvalTransform', 'create_eval_transform']
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
