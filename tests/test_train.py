@@ -288,12 +288,6 @@ def test_clip_counts_are_read_through_lookahead():
     assert meters['units'] == 4 and meters['clipped'] == 4  # every unit is over a 1e-6 limit
 
 
-def test_deprecated_agc_stats_interval_is_accepted_with_a_note():
-    args, _, notes = resolve_settings(['--quickstart', '--agc-stats-interval', '5'])
-    assert not hasattr(args, 'agc_stats_interval')
-    assert any('--agc-stats-interval is deprecated' in n for n in notes)
-
-
 # --- a finished run ----------------------------------------------------------------------------
 def test_a_run_writes_summary_plot_settings_and_checkpoints(finished_run):
     run_dir, out = finished_run

@@ -194,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, '--checkpoint-hist', type=int, default=3, help='epoch checkpoints kept')
     _add(g, '--eval-metric', default='top1', choices=('top1', 'top5', 'loss'), help='metric of model_best')
     _add(g, '--log-interval', type=int, default=50, help='optimizer steps between log lines')
-    g.add_argument('--agc-stats-interval', type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # deprecated
     _add(g, '--progress', action=argparse.BooleanOptionalAction, help='progress bar (default: on a terminal)')
     _add(g, '--export', nargs='?', const='', metavar='DIR', help='after training, write model.safetensors + '
          'config.json (to DIR, default <run>/export), reload them through timm and report their accuracy')
@@ -272,9 +271,6 @@ def resolve_settings(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Nam
         given['data_dir'] = given.pop('data')
     recipe_name = given.get('recipe')
     recipe, notes = RECIPES[recipe_name](given.get('model', 'nfnet_f0')) if recipe_name else ({}, [])
-    if given.pop('agc_stats_interval', None) is not None:
-        notes = notes + ['--agc-stats-interval is deprecated and ignored: the AGC optimizer now counts '
-                         'clipped units at every step']
     if 'data_dir' in given and 'dataset' not in given:
         recipe.pop('dataset', None)  # your folder, not the recipe's built-in data
     _agc_from_opt_kwargs(given)

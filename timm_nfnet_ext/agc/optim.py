@@ -84,12 +84,9 @@ class AGCMixin:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # load_state_dict and unpickling both land here: the groups are checked before any is taken
         # (a negative clipping would flip and amplify gradients)
-        agc_defaults = state.get('_agc_defaults') or self.__dict__.get('_agc_defaults')
-        if agc_defaults is None:  # pickled by an older version
-            defaults = state.get('defaults') or self.__dict__.get('defaults') or {}
-            agc_defaults = {'clipping': defaults.get('clipping', 0.01), 'agc_eps': defaults.get('agc_eps', 1e-3)}
-        # groups saved without AGC keep this optimizer's own values (load_state_dict: the classifier
-        # group stays unclipped), else take the defaults (unpickling an older version)
+        agc_defaults = state.get('_agc_defaults') or self.__dict__['_agc_defaults']
+        # groups saved without AGC keys (a plain optimizer's state dict) keep this optimizer's own
+        # values (the classifier group stays unclipped), else take its defaults
         current = self.__dict__.get('param_groups') or []
         for i, group in enumerate(state.get('param_groups', [])):
             for key in ('clipping', 'agc_eps'):
@@ -97,8 +94,6 @@ class AGCMixin:
                     group[key] = current[i][key] if i < len(current) and key in current[i] else agc_defaults[key]
             _validate_group(group)
         super().__setstate__(state)
-        self.__dict__.setdefault('nonfinite', 'raise')  # pickled by an older version
-        self.__dict__.setdefault('skipped_steps', 0)
         self._agc_defaults = agc_defaults
         self._clip_counts = ClipCounts()
         self._step_supports_amp_scaling = False
