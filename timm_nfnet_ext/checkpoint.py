@@ -367,29 +367,37 @@ def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module, skip_shape: It
     return out
 
 
-# timm's dm_nfnet names -> ours (applied in order, on the name only).
-_TIMM_RENAMES = [
-    (r'^stem\.conv(\d)\.', lambda m: f'stem.conv{int(m[1]) - 1}.'),
-    (r'\.skipinit_gain$', lambda m: '.skip_gain'),
-    (r'\.downsample\.conv\.', lambda m: '.conv_shortcut.'),
-    (r'\.conv1\.', lambda m: '.conv0.'),
-    (r'\.conv2\.', lambda m: '.conv1.'),
-    (r'\.conv2b\.', lambda m: '.conv1b.'),
-    (r'\.conv3\.', lambda m: '.conv2.'),
-    (r'\.attn_last\.', lambda m: '.se.'),
-]
+# timm's dm_nfnet block names <-> ours: applied in this order from timm's names, and swapped in
+# the reverse order from ours (so that conv1 -> conv0 never meets conv2 -> conv1 twice).
+_TIMM_BLOCK_RENAMES = (
+    ('.downsample.conv.', '.conv_shortcut.'),
+    ('.conv1.', '.conv0.'),
+    ('.conv2.', '.conv1.'),
+    ('.conv2b.', '.conv1b.'),
+    ('.conv3.', '.conv2.'),
+    ('.attn_last.', '.se.'),
+    ('.skipinit_gain', '.skip_gain'),
+)
+
+
+def _timm_name(name: str, to_native: bool) -> str:
+    """A parameter name in the other layout (timm's stem convs count from 1, ours from 0)."""
+    stem = re.match(r'^stem\.conv(\d)(\..*)$', name)
+    if stem:
+        return f'stem.conv{int(stem[1]) + (-1 if to_native else 1)}{stem[2]}'
+    if not name.startswith('stages.'):
+        return name
+    pairs = _TIMM_BLOCK_RENAMES if to_native else [(b, a) for a, b in reversed(_TIMM_BLOCK_RENAMES)]
+    for old, new in pairs:
+        name = name.replace(old, new)
+    return name
 
 
 def timm_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """timm ``dm_nfnet_*`` state dict -> this package's names (gains (O,1,1,1) -> (O,), SE 1x1 convs -> linears)."""
     out: StateDict = {}
     for name, value in state_dict.items():
-        new = name
-        if name.startswith('stages.'):
-            for pattern, repl in _TIMM_RENAMES[1:]:
-                new = re.sub(pattern, repl, new)
-        else:
-            new = re.sub(_TIMM_RENAMES[0][0], _TIMM_RENAMES[0][1], new)
+        new = _timm_name(name, to_native=True)
         value = torch.as_tensor(value)
         if new.endswith('.gain'):
             value = value.reshape(-1)
@@ -401,17 +409,9 @@ def timm_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 def native_to_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """This package's state dict -> timm ``dm_nfnet_*`` names and shapes (for side-by-side checks)."""
-    back = [('.conv_shortcut.', '.downsample.conv.'), ('.conv2.', '.conv3.'), ('.conv1b.', '.conv2b.'),
-            ('.conv1.', '.conv2.'), ('.conv0.', '.conv1.'), ('.se.', '.attn_last.')]
     out: StateDict = {}
     for name, value in state_dict.items():
-        new = name
-        if name.startswith('stem.conv'):
-            new = f'stem.conv{int(name[9]) + 1}{name[10:]}'
-        elif name.startswith('stages.'):
-            for ours, theirs in back:
-                new = new.replace(ours, theirs)
-            new = re.sub(r'\.skip_gain$', '.skipinit_gain', new)
+        new = _timm_name(name, to_native=False)
         if new.endswith('.gain'):
             value = value.reshape(-1, 1, 1, 1)
         elif '.attn_last.fc' in new and new.endswith('.weight'):
