@@ -20,7 +20,7 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple, Union
 
 import numpy as np
 import torch
@@ -339,9 +339,9 @@ def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module, skip_shape: It
     root = roots.pop()
     blocks = _block_index(model)
     out: StateDict = {}
-    used, missing, misshaped = set(), [], []
-    skip_shape = set(skip_shape)
-    for name, expected in model.state_dict().items():
+    used, missing = set(), []
+    expected = model.state_dict()
+    for name in expected:
         dm_name, kind = _native_to_deepmind_name(name, blocks, root)
         if dm_name not in flat:
             missing.append(f'{name} (DeepMind {dm_name})')
@@ -357,8 +357,7 @@ def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module, skip_shape: It
             value = value.T
         out[name] = torch.from_numpy(np.array(value, dtype=np.float32, order="C"))
         used.add(dm_name)
-        if name not in skip_shape and tuple(out[name].shape) != tuple(expected.shape):
-            misshaped.append(f'{name} {tuple(out[name].shape)} vs model {tuple(expected.shape)}')
+    misshaped = _misshaped(out, expected, skip_shape)
     # a model without a classifier (num_classes=0) leaves the checkpoint's head unused, as timm does
     headless = getattr(model, 'num_classes', 1) == 0
     unexpected = sorted(k for k in set(flat) - used if not (headless and k.startswith(f'{root}/~/linear/')))
@@ -430,17 +429,21 @@ def _mismatch_message(missing: Iterable[str], unexpected: Iterable[str], misshap
     return 'checkpoint does not fit the model: ' + '; '.join(parts)
 
 
+def _misshaped(state_dict: Mapping[str, Any], expected: Mapping[str, torch.Tensor],
+               skip_shape: Iterable[str]) -> List[str]:
+    """``name (shape) vs model (shape)`` for each key both have whose shapes differ, in the
+    model's order (the stem first)."""
+    skip = set(skip_shape)
+    return [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}' for k, v in expected.items()
+            if k in state_dict and k not in skip and tuple(state_dict[k].shape) != tuple(v.shape)]
+
+
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, skip_shape: Iterable[str] = ()) -> None:
     """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys."""
     expected = model.state_dict()
-    skip_shape = set(skip_shape)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    misshaped = [
-        f'{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
-        for k in sorted(set(expected) & set(state_dict))
-        if k not in skip_shape and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
+    misshaped = _misshaped(state_dict, expected, skip_shape)
     if missing or unexpected or misshaped:
         raise CheckpointError(_mismatch_message(missing, unexpected, misshaped))
 
