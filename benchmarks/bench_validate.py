@@ -10,6 +10,7 @@ timm's CUDA prefetcher). Each side runs in its own process, twice, alternating; 
 the images over the wall time of the evaluation loop as each command reports it.
 
     python benchmarks/bench_validate.py --timm-validate /path/to/pytorch-image-models/validate.py
+    python benchmarks/bench_validate.py --timm-validate ... --img-size 96   # the pipeline, not the model
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def ours(folder: str, preprocess: str, args: argparse.Namespace, out: str) -> fl
            '--checkpoint', args.weights,
            *(TINY if args.tiny else []), '--num-classes', '2', '-b', str(args.batch_size),
            '-j', str(args.workers), '--device', 'cpu', '--preprocess', preprocess, '--no-progress',
+           '--img-size', str(args.img_size),
            '--results-file', out, '--results-format', 'json']
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return float(json.loads(pathlib.Path(out).read_text())['images_per_sec'])
@@ -56,6 +58,7 @@ def timm_script(folder: str, args: argparse.Namespace) -> float:
     cmd = [sys.executable, '-c', code, args.timm_validate, folder, '--model', 'nfnet_f0',
            '--checkpoint', args.weights, *(TINY if args.tiny else []), '--num-classes', '2', '-b', str(args.batch_size),
            '-j', str(args.workers), '--device', 'cpu', '--no-prefetcher', '--log-freq', '1',
+           '--img-size', str(args.img_size), '--crop-pct', str(args.img_size / (args.img_size + 32)),
            '--split', 'validation']
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     rates = re.findall(r'\(\s*[\d.]+s,\s*([\d.]+)/s\)', proc.stdout + proc.stderr)
@@ -72,6 +75,8 @@ def main() -> None:
     ap.add_argument('--tiny', action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument('--timm-validate', metavar='PATH', help="timm's validate.py")
     ap.add_argument('--repeats', type=int, default=2)
+    ap.add_argument('--img-size', type=int, default=256, help='crop size (256: F0\'s test size; smaller '
+                    'sizes make the tiny model cheaper, so the input pipeline shows)')
     args = ap.parse_args()
     results: Dict[str, List[float]] = {'reference': [], 'timm-preprocess': []}
     if args.timm_validate:
@@ -90,7 +95,7 @@ def main() -> None:
             if args.timm_validate:
                 results['timm validate.py'].append(timm_script(str(root), args))
     model = 'tiny NFNet' if args.tiny else 'nfnet_f0'
-    print(f'{args.images} JPEGs (~500x375), {model} at 256 px (F0 test size), CPU, -b {args.batch_size} '
+    print(f'{args.images} JPEGs (~500x375), {model} at {args.img_size} px, CPU, -b {args.batch_size} '
           f'-j {args.workers}; images/s per run')
     for name, rates in results.items():
         print(f'  {name:28s} ' + '  '.join(f'{r:7.1f}' for r in rates))
