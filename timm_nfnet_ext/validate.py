@@ -187,10 +187,11 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    print(f'Validating {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) '
-          f'on {len(dataset)} images, {args.preprocess} preprocessing: {transform!r}'
-          if args.preprocess == 'reference' else
-          f'Validating {args.model} on {len(dataset)} images, timm preprocessing: {data_cfg}', flush=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f'Validating {args.model} ({params / 1e6:.2f}M params) on {len(dataset)} images, '
+          f'{args.preprocess} preprocessing: {transform!r}\n'
+          f'data config: {data_cfg}\nmodel cfg: {dict(getattr(model, "pretrained_cfg", {}) or {})}',
+          flush=True)
 
     losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
     skipped: List[str] = []
@@ -242,7 +243,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     return OrderedDict(
         model=args.model, top1=round(top1.avg, 4), top1_err=round(100 - top1.avg, 4),
         top5=round(top5.avg, 4), top5_err=round(100 - top5.avg, 4), loss=round(losses.avg, 6),
-        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        param_count=round(params / 1e6, 2),
         img_size=h, crop_pct=round(data_cfg['crop_pct'], 4), interpolation=data_cfg['interpolation'],
         preprocess=args.preprocess, images=seen, skipped=len(skipped),
         images_per_sec=round(seen / elapsed, 2), device=str(device),
