@@ -163,7 +163,7 @@ class _GeluTanhCPU(torch.autograd.Function):
 
     ATen's forward and backward both run the slow vectorised ``tanh`` (see ``gelu_tanh``); this
     pair runs on ``sigmoid``: the forward also writes the derivative, which is all the backward
-    needs (one multiply); 1.7-1.9x faster than ATen's pair per call at F0's shapes. It saves
+    needs (one multiply), faster than ATen's pair (docs/performance.md). It saves
     that one tensor where ATen saves the input, so memory is as with ATen. The price is no
     double backward (``fast_cpu_gelu``). In place (a conv output nothing else reads), the
     output overwrites the input.
@@ -192,11 +192,11 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """tanh-GELU (JAX's ``gelu``); ``x`` is overwritten if ``inplace`` (autograd permitting).
 
     Written by hand for CPU float32, because ATen's tanh-GELU kernels spend most of their time in
-    a vectorised ``tanh`` that is ~3.5x slower than its ``sigmoid`` on AVX2 CPUs (a third of the
-    speed of timm's erf-GELU). The same function is ``x * sigmoid(x (2a + 2ab x^2))``:
-    - without autograd, it is evaluated in four ATen passes over cache-sized chunks: ~1.5x faster
-      per call (F0 fused inference at 256 px: 3-8% end to end), equal to ATen's result within
-      float32 rounding (tests/test_gelu.py);
+    a vectorised ``tanh`` that is several times slower than its ``sigmoid`` on AVX2 CPUs (and
+    slower than timm's erf-GELU). The same function is ``x * sigmoid(x (2a + 2ab x^2))``:
+    - without autograd, it is evaluated in four ATen passes over cache-sized chunks, faster per
+      call than ATen's kernel and equal to its result within float32 rounding
+      (tests/test_gelu.py);
     - with autograd, ``_GeluTanhCPU`` does the same forward, writing the derivative alongside, and
       its backward is one multiply;
     - while ``torch.compile`` traces for a CPU, that form is given to inductor, whose fused loop

@@ -318,13 +318,13 @@ class _StandardizeWeight(torch.autograd.Function):
     """``w_hat = (w - mean) * rsqrt(max(||w - mean||^2, eps)) * gain * c``, per output row.
 
     (``||w - mean||^2 = var * fan_in``: the reference's formula.) Written by hand because
-    autograd's graph of the same expression costs ~4x more passes over the weights than this,
-    and ATen's CPU ``var_mean`` is two orders of magnitude slower than a sum.
+    autograd's graph of the same expression makes several more passes over the weights than
+    this, and ATen's CPU ``var_mean`` is far slower than a sum.
 
     Backward: where no row sits on the eps floor, this is batch norm's backward over the rows
     (``invstd = rsqrt(var)``, weight ``gain * c / sqrt(fan_in)``), so ATen's fused batch-norm
-    backward kernel is given our saved statistics (F0, all weights: 82 ms vs 140 ms forward +
-    backward). Rows on the floor have a constant scale, which batch norm's formula does not
+    backward kernel is given our saved statistics (faster than autograd's graph; see
+    docs/performance.md). Rows on the floor have a constant scale, which batch norm's formula does not
     know, so then the gradient is written out: with ``r = rsqrt(.) * gain * c`` and
     ``k = <g, w - mean> * rsqrt(.)^2`` (0 on the floor), ``dw = r * (g - mean(g)) - r * k * (w - mean)``.
     """

@@ -680,42 +680,42 @@ with warnings.catch_warnings():
 
     @register_model
     def nfnet_f0(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F0 (71.5M params, 83.6% top-1 at 256 px)."""
+        """NFNet-F0 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
         return _create_nfnet('nfnet_f0', pretrained, **kwargs)
 
     @register_model
     def nfnet_f1(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F1 (132.6M params, 84.7% top-1 at 320 px)."""
+        """NFNet-F1 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
         return _create_nfnet('nfnet_f1', pretrained, **kwargs)
 
     @register_model
     def nfnet_f2(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F2 (193.8M params, 85.1% top-1 at 352 px)."""
+        """NFNet-F2 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
         return _create_nfnet('nfnet_f2', pretrained, **kwargs)
 
     @register_model
     def nfnet_f3(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F3 (254.9M params, 85.7% top-1 at 416 px)."""
+        """NFNet-F3 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
         return _create_nfnet('nfnet_f3', pretrained, **kwargs)
 
     @register_model
     def nfnet_f4(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F4 (316.1M params, 85.9% top-1 at 512 px)."""
+        """NFNet-F4 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
         return _create_nfnet('nfnet_f4', pretrained, **kwargs)
 
     @register_model
     def nfnet_f5(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F5 (377.2M params, 86.0% top-1 at 544 px)."""
+        """NFNet-F5 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
         return _create_nfnet('nfnet_f5', pretrained, **kwargs)
 
     @register_model
     def nfnet_f6(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F6 (438.4M params, 86.5% top-1 at 576 px, trained with SAM)."""
+        """NFNet-F6 with DeepMind's weights, trained with SAM (``dm_in1k``; facts: ``variants.py``)."""
         return _create_nfnet('nfnet_f6', pretrained, **kwargs)
 
     @register_model
     def nfnet_f7(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F7 (499.5M params; no weights were released)."""
+        """NFNet-F7 (no weights were released)."""
         return _create_nfnet('nfnet_f7', pretrained, **kwargs)
 
 
@@ -745,7 +745,7 @@ def nfnet_f3_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
 
 @register_model
 def nfnet_f4_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F4+, the paper's 89.2% JFT-300M model (no released weights)."""
+    """NFNet-F4+, the paper's JFT-300M model (no released weights)."""
     return _create_nfnet('nfnet_f4_plus', pretrained, **kwargs)
 
 
@@ -769,25 +769,25 @@ def nfnet_f7_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
 
 @register_model
 def nf_seresnextd_f0(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-D at F0 depths (1,2,6,3): the paper's Table 2 baseline (80.4% top-1)."""
+    """NF-SE-ResNeXt-D at F0 depths: the paper's Table 2 baseline."""
     return _create_nfnet('nf_seresnextd_f0', pretrained, **kwargs)
 
 
 @register_model
 def nf_seresnextd_f1(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-D at F1 depths (2,4,12,6); Table 2 baseline 81.7%."""
+    """NF-SE-ResNeXt-D at F1 depths: the paper's Table 2 baseline."""
     return _create_nfnet('nf_seresnextd_f1', pretrained, **kwargs)
 
 
 @register_model
 def nf_seresnextd_f2(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-D at F2 depths (3,6,18,9); Table 2 baseline 82.0%."""
+    """NF-SE-ResNeXt-D at F2 depths: the paper's Table 2 baseline."""
     return _create_nfnet('nf_seresnextd_f2', pretrained, **kwargs)
 
 
 @register_model
 def nf_seresnextd_f3(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-D at F3 depths (4,8,24,12); Table 2 baseline 82.3%."""
+    """NF-SE-ResNeXt-D at F3 depths: the paper's Table 2 baseline."""
     return _create_nfnet('nf_seresnextd_f3', pretrained, **kwargs)
 
 

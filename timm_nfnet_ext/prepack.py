@@ -2,15 +2,15 @@
 
 A fused conv (``WSConv2d.fuse()``) still hands oneDNN a plain weight on every call, and oneDNN
 reorders it into its blocked layout each time: for F0 that is all 286 MB of weights read and
-written into fresh memory per forward pass, which at batch 1 is 15-25% of the pass (at batch 8
-it is lost in the convolutions). ``torch.compile``'s CPU freezing pass does the reorder once
+written into fresh memory per forward pass, a visible share of a batch-1 pass (at batch 8 it
+is lost in the convolutions; docs/performance.md has the measurements). ``torch.compile``'s CPU freezing pass does the reorder once
 (``torch._C._nn.mkldnn_reorder_conv2d_weight``) and then calls oneDNN's conv with the reordered
 weight (``torch.ops.mkldnn._convolution_pointwise``); eager PyTorch has no public way to do the
 same, so ``PrepackedConv2d`` does it with those two ops. The reorder is chosen for an input
 shape, so each conv keeps one reordered weight, for the input shape of its recent calls: one
 more copy of the weights in memory, however many shapes come. A shape is reordered for once it
 comes twice in a row; until then the call is a plain conv, so inputs whose shape changes on
-every call run as in the fused model (reordering for each of them measured 7% slower than that).
+every call run as in the fused model (reordering for each of them is slower than that).
 """
 from __future__ import annotations
 

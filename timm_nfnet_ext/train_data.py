@@ -93,7 +93,7 @@ def _isolated_rng(seed: int) -> Iterator[None]:
         random.seed(seed)
         np.random.seed(seed)
         # the CPU generator only: torch.manual_seed would also (lazily) reseed every CUDA
-        # generator, which fork_rng(devices=[]) does not restore, and costs ~0.6 ms per image
+        # generator, which fork_rng(devices=[]) does not restore, and costs time per image
         torch.default_generator.manual_seed(seed)
         try:
             yield

@@ -238,8 +238,7 @@ class SGDAGC(AGCMixin, torch.optim.SGD):
         """torch's single-tensor SGD update, op for op (so bit-identical), with its temporaries
         (negated gradient, gradient plus weight decay, plus momentum) written into one reused
         scratch buffer strided like ``p``: torch allocates up to three parameter-sized tensors
-        per parameter per step, and on CPU fresh memory costs page faults (F0, the whole
-        ``sgdagc`` step including AGC: ~120 -> ~90 ms)."""
+        per parameter per step, and on CPU fresh memory costs page faults (docs/agc.md, Speed)."""
         momentum, dampening = group['momentum'], group['dampening']
         scratch = self._scratch_like(p)  # None: torch's own out-of-place ops
         grad = torch.neg(p.grad, out=scratch) if group['maximize'] else p.grad
