@@ -148,6 +148,8 @@ def test_jpeg_decoding_is_libjpeg_fast_dct_not_pil():
 
 def test_size_mean_and_std_from_the_model():
     import timm
+    import timm_nfnet_ext
+    assert timm_nfnet_ext.create_eval_transform is create_eval_transform  # the package's top-level name
     t = create_eval_transform('nfnet_f0')
     assert t.img_size == (256, 256)  # the test size, not the 192 px train size
     assert create_eval_transform('nfnet_f1').img_size == (320, 320)

@@ -22,6 +22,7 @@ from .agc import (
     unitwise_norm,
     with_agc,
 )
+from .data import FileImageDataset, ImageDecodeError, ReferenceEvalTransform, create_eval_transform
 from .layers import GAMMAS, WSConv2d
 from .nfnet import MODEL_CFGS, NFBlock, NFNet, NfNetCfg
 from .prepack import prepack_for_cpu
@@ -33,4 +34,5 @@ __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'checkpoint_filter_fn', 'load_checkpoint_file', 'read_deepmind_pickle',
     'SGDAGC', 'AdamWAGC', 'LambAGC', 'AGCMixin', 'with_agc', 'adaptive_clip_grad_', 'agc_param_groups',
     'register_agc_optimizer', 'unitwise_norm',
+    'create_eval_transform', 'ReferenceEvalTransform', 'FileImageDataset', 'ImageDecodeError',
 ]
