@@ -89,6 +89,12 @@ def main() -> None:
     g16 = (base[..., 0].astype(np.uint16) * 257 + np.arange(90, dtype=np.uint16) * 3)
     save('gray16_70x90.png', Image.fromarray(g16), format='PNG')
     save('still_70x90.gif', Image.fromarray(base).quantize(64), format='GIF')
+    # a GIF whose transparent index TF decodes as black (PIL would give the palette colour)
+    index = np.zeros((20, 30), np.uint8)
+    index[5:10, 5:20], index[12:] = 1, 2
+    gif = Image.fromarray(index, 'P')
+    gif.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    save('transparent_30x20.gif', gif, format='GIF', transparency=0)
     print('\n'.join(sorted(p.name for p in OUT.iterdir())))
 
 

@@ -270,3 +270,43 @@ def test_jpeg_bytes_to_logits_match_deepmind_end_to_end():
         with torch.no_grad():
             logits = model(x[None])[0].numpy()
         assert np.abs(logits - golden[f'logits@{stem}']).max() < 1e-5, stem
+
+
+def test_awkward_inputs_from_a_review():
+    """Flipped views (cv2's BGR->RGB idiom), 16-bit PIL images, numpy sizes and means, an
+    ambiguous tensor layout, a text-mode file and the taps' cache."""
+    t = create_eval_transform(img_size=64)
+    rgb = np.asarray(Image.open(IMAGES / 'rgb_70x90.png').convert('RGB'))
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    assert torch.equal(t(bgr[..., ::-1]), t(rgb)) and torch.equal(t(rgb[:, ::-1]), t(np.fliplr(rgb).copy()))
+    g16 = IMAGES / 'gray16_70x90.png'
+    assert torch.equal(t(Image.open(g16)), t(g16))  # the high byte, as libpng strips 16-bit samples
+    assert create_eval_transform(img_size=np.int64(64), mean=np.array([0.5, 0.5, 0.5])).img_size == (64, 64)
+    with pytest.raises(ValueError, match='img_size'):
+        create_eval_transform(img_size=True)
+    with pytest.raises(TypeError, match='ambiguous'):
+        t(torch.zeros(3, 40, 3, dtype=torch.uint8))
+    with open(IMAGES / 'rgb_70x90.png', encoding='latin-1') as f, \
+            pytest.raises(ImageDecodeError, match='binary mode'):
+        t(f)
+    index, weight = bicubic_taps(50, 96, 16, 80)
+    weight.mul_(0)  # a caller's edit must not reach the transform's cached taps
+    before = create_eval_transform(img_size=64)(np.full((50, 50, 3), 200, np.uint8))
+    assert torch.allclose(before, (200 - 255 * torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1))
+                          / (255 * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)), atol=1e-5)
+
+
+def test_torchvision_image_folder_files_go_through_the_reference_decoder(tmp_path):
+    from torchvision.datasets import ImageFolder
+    from timm_nfnet_ext.data import FileImageDataset
+    (tmp_path / 'a').mkdir()
+    for name in ('photo_300x200_422.jpg', 'cmyk_adobe_150x120.jpg'):
+        (tmp_path / 'a' / name).write_bytes((IMAGES / name).read_bytes())
+    (tmp_path / 'a' / 'zz_broken.jpg').symlink_to(tmp_path / 'nowhere.jpg')
+    t = create_eval_transform(img_size=64)
+    ds = FileImageDataset(ImageFolder(str(tmp_path), allow_empty=True, is_valid_file=lambda p: True), t)
+    for i in range(2):
+        x, label = ds[i]
+        assert label == 0 and torch.equal(x, t(ds.name(i)))  # not PIL's decode
+    with pytest.raises(ImageDecodeError, match='zz_broken.jpg: cannot read'):
+        ds[2]

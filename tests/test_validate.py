@@ -134,3 +134,28 @@ def test_missing_folder_and_bad_flags(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             validate.main([str(tmp_path), *TINY_ARGS, *bad])
         assert e.value.code == 2
+
+
+def test_an_unreadable_path_stops_the_run_or_is_skipped(folder, tmp_path, capsys):
+    root, ckpt, _ = folder
+    (root / 'validation' / 'a' / 'zz_dangling.jpg').symlink_to(tmp_path / 'gone.jpg')
+    args = [str(root), *TINY_ARGS, '--checkpoint', str(ckpt), '-j', '2']
+    assert validate.main(args) == 1
+    assert 'zz_dangling.jpg: cannot read' in capsys.readouterr().err
+    out = tmp_path / 'r.json'
+    assert validate.main(args + ['--skip-bad-images', '--results-file', str(out), '--results-format', 'json']) == 0
+    assert json.loads(out.read_text())['skipped'] == 1
+
+
+def test_bad_results_folder_and_device_fail_before_any_work(folder, tmp_path, capsys):
+    root, ckpt, _ = folder
+    base = [str(root), *TINY_ARGS, '--checkpoint', str(ckpt), '-j', '0']
+    assert validate.main(base + ['--results-file', str(tmp_path / 'no' / 'such' / 'r.csv')]) == 1
+    assert 'not a writable folder' in capsys.readouterr().err
+    assert validate.main(base + ['--device', 'gpu']) == 1
+    assert "--device 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert validate.main(base + ['--device', 'cuda']) == 1
+        assert 'CUDA is not available' in capsys.readouterr().err
+    assert validate.main(base + ['--model-kwargs', 'no_such_argument=1']) == 1
+    assert 'cannot create' in capsys.readouterr().err

@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _device(name: Optional[str]) -> torch.device:
+    """``--device``, checked before any work (default: cuda when available)."""
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError as e:
+        raise ValidateError(f'--device {name!r}: {e}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValidateError(f'--device {name}: CUDA is not available here (use --device cpu)')
+    return device
+
+
 def _create_model(args: argparse.Namespace) -> torch.nn.Module:
     if ':' not in args.model and not timm.is_model(args.model.split('.')[0]):  # not local-dir:/hf-hub:
         raise ValidateError(f'unknown model {args.model!r}')
@@ -93,13 +104,13 @@ def _create_model(args: argparse.Namespace) -> torch.nn.Module:
         kwargs['num_classes'] = args.num_classes
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except (RuntimeError, OSError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError, TypeError) as e:
         raise ValidateError(f'cannot create {args.model!r}: {e}') from e
     if args.checkpoint:
         try:
             state = load_checkpoint_file(args.checkpoint, use_ema=args.use_ema)
             model.load_state_dict(checkpoint_filter_fn(state, model))
-        except (CheckpointError, FileNotFoundError, RuntimeError) as e:
+        except (CheckpointError, OSError, RuntimeError) as e:
             raise ValidateError(f'cannot load --checkpoint {args.checkpoint}: {e}') from e
     return model.eval()
 
@@ -170,7 +181,12 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
         ValidateError: an unknown model, unloadable weights, a missing or empty dataset, labels
             outside the model's classes, or an unreadable image without ``--skip-bad-images``.
     """
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = _device(args.device)
+    if args.results_file:
+        folder = os.path.dirname(os.path.abspath(args.results_file))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValidateError(f'cannot write --results-file {args.results_file}: {folder} is not a '
+                                'writable folder')
     model = _create_model(args)
     if args.preprocess is None:
         from .nfnet import NFNet
@@ -216,7 +232,9 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
                 bar.update(len(targets) + len(errors))
             if images is None:
                 continue
-            if targets.min() < 0 or targets.max() >= num_classes:
+            if targets.min() < 0:
+                raise ValidateError('the dataset has unlabelled images (label -1): validation needs labels')
+            if targets.max() >= num_classes:
                 raise ValidateError(f'labels run to {int(targets.max())} but {args.model} has '
                                     f'{num_classes} classes (--num-classes, or a class map)')
             images, targets = images.to(device), targets.to(device)

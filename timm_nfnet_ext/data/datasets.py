@@ -3,10 +3,15 @@
 timm's ``ImageDataset`` decodes every image with PIL before the transform sees it (or hands
 over anonymous bytes with ``load_bytes=True``). The reference pipeline must decode the file
 itself, and an unreadable file must be reported by its path, so :class:`FileImageDataset`
-reads each sample's file from the dataset's reader and passes the open file to the transform.
-Datasets without files (``torch/`` sets, the built-in digits) pass their decoded images on.
+reads each sample's file (from timm's readers, or the ``samples`` list of torchvision's
+``ImageFolder``) and decodes it as the reference does. Datasets without files (torchvision's
+in-memory sets, the built-in digits) pass their decoded images on.
 """
 from __future__ import annotations
+
+import os
+import tarfile
+import zipfile
 
 from typing import Any, Callable, Tuple
 
@@ -39,6 +44,9 @@ class FileImageDataset(Dataset):
         reader = getattr(dataset, 'reader', None)
         # timm's folder and tar readers hand out open files: the reference decodes those itself
         self._reader = reader if reader is not None and hasattr(dataset, 'filename') else None
+        # torchvision's ImageFolder / DatasetFolder (torch/ datasets) list (path, target) samples
+        samples = getattr(dataset, 'samples', None)
+        self._samples = samples if self._reader is None and _is_path_list(samples) else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -47,24 +55,54 @@ class FileImageDataset(Dataset):
         """The sample's file path (or a description for datasets without files)."""
         if self._reader is not None:
             return str(self.dataset.filename(index, absolute=True))
+        if self._samples is not None:
+            return str(self._samples[index][0])
         return f'{type(self.dataset).__name__}[{index}]'
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        if self._samples is not None:
+            path, target = self._samples[index][:2]
+            data = _read(lambda: open(path, 'rb'), str(path))
+            if getattr(self.dataset, 'target_transform', None) is not None:
+                target = self.dataset.target_transform(target)
+            return self._apply(data, str(path)), target
         if self._reader is None:
             image, target = _untransformed(self.dataset, index)
             return self.transform(image), target
-        sample, target = self._reader[index]
-        target = -1 if target is None else target
-        if getattr(self.dataset, 'target_transform', None) is not None:
-            target = self.dataset.target_transform(target)
         name = self.name(index)
+        sample, target = _read(lambda: self._reader[index][:2], name)
+        if target is None:
+            target = -1  # timm's rule; its target_transform is not applied to it
+        elif getattr(self.dataset, 'target_transform', None) is not None:
+            target = self.dataset.target_transform(target)
         if not hasattr(sample, 'read'):  # a reader of decoded images (hfds/...)
             return self.transform(sample), target
-        with sample:
-            data = sample.read()
+        return self._apply(_read(lambda: sample, name), name), target
+
+    def _apply(self, data: bytes, name: str) -> torch.Tensor:
         if self._decode_files:
-            return self.transform.from_array(decode_image(data, source=name)), target
-        return self.transform(_pil_rgb(data, name)), target
+            return self.transform.from_array(decode_image(data, source=name))
+        return self.transform(_pil_rgb(data, name))
+
+
+def _is_path_list(samples: Any) -> bool:
+    try:
+        return len(samples) > 0 and isinstance(samples[0][0], (str, os.PathLike))
+    except (TypeError, IndexError, KeyError):
+        return False
+
+
+def _read(get: Callable[[], Any], name: str) -> Any:
+    """``get()`` (an open or a reader access), and the bytes of what it returns when it is a
+    file; an OS or archive error becomes an :class:`ImageDecodeError` naming the file."""
+    try:
+        item = get()
+        if hasattr(item, 'read'):
+            with item:
+                return item.read()
+        return item
+    except (OSError, tarfile.TarError, zipfile.BadZipFile) as e:
+        raise ImageDecodeError(f'{name}: cannot read ({e})') from None
 
 
 def _untransformed(dataset: Dataset, index: int) -> Tuple[Any, int]:

@@ -176,13 +176,24 @@ def _decode_with_pil(data: bytes, fmt: str, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-                # 16-bit grey: libpng's strip_16 keeps the high byte; PIL would clip instead.
-                grey = (np.asarray(im, dtype=np.int64) >> 8).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=-1)
-            return np.array(im.convert('RGB'))
+            rgb = pil_to_rgb(im)
+            transparent = im.info.get('transparency')
+            if fmt == _GIF and im.mode == 'P' and isinstance(transparent, int):
+                # TF's GIF decoder writes 0 where the first frame is transparent (no previous
+                # frame to show through); PIL would give the palette colour
+                rgb[np.asarray(im) == transparent] = 0
+            return rgb
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f'{where}: corrupt or truncated {fmt} ({e})') from None
+
+
+def pil_to_rgb(im: Any) -> np.ndarray:
+    """A PIL image as a writable uint8 ``(H, W, 3)`` array, 16-bit grey as libpng's
+    ``png_set_strip_16`` (the high byte) where PIL's ``convert('RGB')`` would clip."""
+    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        grey = (np.asarray(im, dtype=np.int64) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.array(im.convert('RGB'))
 
 
 def read_image_bytes(source: Any) -> Tuple[bytes, str]:
@@ -194,9 +205,12 @@ def read_image_bytes(source: Any) -> Tuple[bytes, str]:
     if hasattr(source, 'read'):
         name = str(getattr(source, 'name', 'file object'))
         try:
-            return source.read(), name
+            data = source.read()
         except OSError as e:
             raise ImageDecodeError(f'{name}: cannot read ({e})') from None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ImageDecodeError(f'{name}: open image files in binary mode (\'rb\'), not text mode')
+        return bytes(data), name
     path = os.fspath(source)
     try:
         with open(path, 'rb') as f:

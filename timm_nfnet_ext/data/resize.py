@@ -42,7 +42,6 @@ def _coefficients() -> np.ndarray:
     return table
 
 
-@functools.lru_cache(maxsize=256)
 def bicubic_taps(in_size: int, out_size: int, start: int = 0,
                  stop: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Source indices and weights of TensorFlow's bicubic along one axis.
@@ -84,7 +83,7 @@ def _tap_matrix(in_size: int, out_size: int, start: int, stop: int) -> torch.Ten
     tap moves the whole image four times, and a dense matrix does ~100x the multiplications.
     """
     index, weight = bicubic_taps(in_size, out_size, start, stop)
-    rows = torch.arange(stop - start).repeat(4)
+    rows = torch.arange(index.shape[1]).repeat(4)
     dense = torch.zeros(stop - start, in_size)
     dense.index_put_((rows, index.reshape(-1)), weight.reshape(-1), accumulate=True)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": used as documented

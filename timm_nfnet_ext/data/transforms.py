@@ -9,13 +9,14 @@ input instead (see ``docs/data.md`` for the measured differences).
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .decode import ImageDecodeError, decode_image, read_image_bytes
+from .decode import ImageDecodeError, decode_image, pil_to_rgb, read_image_bytes
 from ..variants import REFERENCE_PADDING
 from .resize import resize_crop
 
@@ -39,12 +40,13 @@ class ReferenceEvalTransform:
 
     def __init__(self, img_size: Union[int, Tuple[int, int]],
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        size = (img_size,) * 2 if isinstance(img_size, numbers.Integral) else tuple(img_size)
+        if len(size) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+                                     for s in size):
             raise ValueError(f'img_size must be a positive int or (height, width), not {img_size!r}')
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f'mean and std need 3 values each (std > 0), got {mean!r} and {std!r}')
-        self.img_size: Tuple[int, int] = size
+        self.img_size: Tuple[int, int] = (int(size[0]), int(size[1]))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         # float32(0.485 * 255) etc., as the reference's constants (a Python double, cast).
@@ -73,8 +75,8 @@ class ReferenceEvalTransform:
 
     def from_array(self, image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """Resize, crop and normalise an already decoded uint8 ``(H, W, 3)`` image."""
-        if isinstance(image, np.ndarray) and not image.flags.writeable:
-            image = image.copy()  # torch wraps only writable arrays without a warning
+        if isinstance(image, np.ndarray) and (not image.flags.writeable or min(image.strides) < 0):
+            image = np.ascontiguousarray(image).copy()  # torch wraps only writable, forward-strided arrays
         hwc = torch.as_tensor(image)
         h, w = self.img_size
         full = (h + REFERENCE_PADDING, w + REFERENCE_PADDING)
@@ -107,12 +109,15 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
         if image.dtype != torch.uint8:
             raise TypeError(f'image tensors must be uint8, not {image.dtype}')
         if image.ndim == 3 and image.shape[0] in (1, 3):  # torchvision's CHW
+            if image.shape[-1] in (1, 3):
+                raise TypeError(f'ambiguous image tensor of shape {tuple(image.shape)}: CHW or HWC? '
+                                'pass a numpy array (HWC) or a tensor of another size')
             image = image.permute(1, 2, 0)
         array = image.cpu().numpy()
     elif isinstance(image, np.ndarray):
         array = image
     elif hasattr(image, 'convert') and hasattr(image, 'mode'):  # a PIL image
-        array = np.array(image.convert('RGB'))
+        array = pil_to_rgb(image)
     else:
         raise TypeError(f'cannot preprocess a {type(image).__name__}: give a path, bytes, a '
                         'PIL image, or a uint8 array / tensor')
@@ -153,8 +158,9 @@ def create_eval_transform(model: Any = None, *, img_size: Union[int, Tuple[int, 
             raise ValueError('create_eval_transform needs img_size= or a model with a '
                              'pretrained cfg (input_size / test_input_size)')
         img_size = (int(size[-2]), int(size[-1]))
-    return ReferenceEvalTransform(img_size, mean=mean or cfg.get('mean') or IMAGENET_MEAN,
-                                  std=std or cfg.get('std') or IMAGENET_STD)
+    mean = mean if mean is not None else cfg.get('mean') or IMAGENET_MEAN
+    std = std if std is not None else cfg.get('std') or IMAGENET_STD
+    return ReferenceEvalTransform(img_size, mean=[float(m) for m in mean], std=[float(s) for s in std])
 
 
 def _pretrained_cfg(model: Any) -> dict:
