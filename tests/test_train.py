@@ -162,6 +162,10 @@ def test_reference_validation_size_follows_the_model_test_size(digits_dir, tmp_p
     args, _, _ = resolve_settings(base + ['--img-size', '32'])
     run = prepare(args, DistInfo(0, 1, torch.device('cpu')))
     assert run.derived['validation'].startswith('timm (')
+    shutil.rmtree(tmp_path / 'r')
+    args, _, _ = resolve_settings(base + ['--img-size', '32', '--val-img-size', '40'])
+    with pytest.raises(TrainError, match='--val-img-size .* needs --val-preprocess reference'):
+        prepare(args, DistInfo(0, 1, torch.device('cpu')))
 
 
 def test_reference_validation_matches_timm_nfnet_validate_on_the_export(digits_dir, tmp_path):

@@ -289,6 +289,9 @@ def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
     """
     from timm.data import create_transform, resolve_data_config
     name = _dataset_name(args)
+    if args.val_img_size and args.val_preprocess != 'reference':
+        raise TrainError('--val-img-size sets the reference validation crop: it needs --val-preprocess '
+                         'reference (timm\'s pipeline takes --img-size / --crop-pct)')
     _check_folder(args, name)
     cfg = resolve_data_config(
         {k: getattr(args, k) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
