@@ -20,7 +20,7 @@ from .decode import ImageDecodeError, decode_image, pil_to_rgb, read_image_bytes
 from ..variants import REFERENCE_PADDING
 from .resize import resize_crop
 
-__all__ = ['ReferenceEvalTransform', 'create_eval_transform']
+__all__ = ['ImageDecodeError', 'ReferenceEvalTransform', 'create_eval_transform', 'to_rgb_array']
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -76,7 +76,7 @@ class ReferenceEvalTransform:
     def from_array(self, image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """Resize, crop and normalise an already decoded uint8 ``(H, W, 3)`` image."""
         if isinstance(image, np.ndarray) and (not image.flags.writeable or min(image.strides) < 0):
-            image = np.ascontiguousarray(image).copy()  # torch wraps only writable, forward-strided arrays
+            image = np.array(image, order='C')  # a copy: torch wraps only writable, forward-strided arrays
         hwc = torch.as_tensor(image)
         h, w = self.img_size
         full = (h + REFERENCE_PADDING, w + REFERENCE_PADDING)
@@ -177,5 +177,3 @@ def _pretrained_cfg(model: Any) -> dict:
     cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
     return dict(cfg)
 
-
-__all__ += ['ImageDecodeError', 'to_rgb_array']
