@@ -36,8 +36,8 @@ import torch.nn as nn
 
 import timm
 import timm_nfnet_ext  # noqa: F401  (registers the models and AGC optimizers)
-from timm_nfnet_ext.checkpoint import checkpoint_filter_fn
-from timm_nfnet_ext.prepack import onednn_available, prepack_for_cpu
+from timm_nfnet_ext.weights.checkpoint import checkpoint_filter_fn
+from timm_nfnet_ext.accel.prepack import onednn_available, prepack_for_cpu
 
 
 # --- models -------------------------------------------------------------------------------------

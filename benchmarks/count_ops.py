@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_nfnet_ext  # noqa: F401  (registers the models)
-from timm_nfnet_ext.layers import WSConv2d, _standardize_weight_autograd
+from timm_nfnet_ext.accel import FastWSConv2d as WSConv2d
+from timm_nfnet_ext.layers import standardize_weight
 
 VIEWS = {'view', '_unsafe_view', 't', 'detach', 'expand', 'reshape', 'unsqueeze', 'squeeze', 'split',
          'split_with_sizes', 'select', 'slice', 'alias', 'as_strided', 'permute', 'transpose', '_reshape_alias'}
@@ -58,7 +59,7 @@ def main() -> None:
     ours = timm.create_model(args.model).train()
     print(f'{args.model}, forward+backward, {"bf16 autocast" if args.amp else "float32"}: ATen ops (not views) / all')
     rows = [('timm dm_' + args.model, theirs, None, None)]
-    plain = lambda self: _standardize_weight_autograd(self.weight, self.gain, self.input_scale, self.eps)  # noqa: E731
+    plain = lambda self: standardize_weight(self.weight, self.gain, self.input_scale, self.eps)  # noqa: E731
     rows += [('ours, grouped', ours, True, None), ('ours, per-conv', ours, False, plain),
              ('ours, per-conv, cpu', ours, False, None)]
     for label, model, grouped, ws in rows:

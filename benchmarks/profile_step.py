@@ -21,14 +21,14 @@ import torch.nn.functional as F
 
 import timm
 from timm_nfnet_ext import layers  # (registers the models)
-from timm_nfnet_ext.gelu import fast_cpu_gelu
+from timm_nfnet_ext.accel import FastWSConv2d, configure, weight_std
 
 from bench import autocast, time_fn  # this script's folder is on sys.path
 
 
 def ws_custom(weight, gain, input_scale=1.0, eps=1e-4):
     with torch.autocast(device_type=weight.device.type, enabled=False):
-        return layers._StandardizeWeight.apply(weight, gain, input_scale, eps)
+        return weight_std._StandardizeWeight.apply(weight, gain, input_scale, eps)
 
 
 def ws_batchnorm(weight, gain, input_scale=1.0, eps=1e-4):
@@ -38,8 +38,8 @@ def ws_batchnorm(weight, gain, input_scale=1.0, eps=1e-4):
                         eps=1e-10).reshape_as(weight)
 
 
-VARIANTS = {'shipped': layers.standardize_weight, 'custom': ws_custom,
-            'autograd': layers._standardize_weight_autograd, 'batchnorm': ws_batchnorm}
+VARIANTS = {'shipped': weight_std.fast_standardize_weight, 'custom': ws_custom,
+            'autograd': layers.standardize_weight, 'batchnorm': ws_batchnorm}
 
 
 def timed(fn, device, repeats):
@@ -80,16 +80,16 @@ def main():
     print(f'fwd+bwd ours, WS grouped   {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms', flush=True)
     models['ours'].set_grouped_ws(False)
     for name, fn in VARIANTS.items():
-        orig = layers.WSConv2d.standardized_weight
-        layers.WSConv2d.standardized_weight = lambda self, fn=fn: fn(self.weight, self.gain, self.input_scale, self.eps)
+        orig = FastWSConv2d.standardized_weight
+        FastWSConv2d.standardized_weight = lambda self, fn=fn: fn(self.weight, self.gain, self.input_scale, self.eps)
         try:
             print(f'fwd+bwd ours, WS {name:<9} {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
                   flush=True)
         finally:
-            layers.WSConv2d.standardized_weight = orig
+            FastWSConv2d.standardized_weight = orig
 
     models['ours'].set_grouped_ws(None)  # the default again, for the rest
-    with fast_cpu_gelu(False):  # ATen's tanh-GELU (only differs on CPU float32)
+    with configure(gelu=False):  # ATen's tanh-GELU (only differs on CPU float32)
         print(f'fwd+bwd ours, ATen GELU    {timed(fwd_bwd(models["ours"]), dev, repeats=args.repeats):8.2f} ms',
               flush=True)
 

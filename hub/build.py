@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from timm_nfnet_ext import __version__ as EXT_VERSION
-from timm_nfnet_ext.convert import conversion_cfg, save_model_folder
+from timm_nfnet_ext.weights.convert import conversion_cfg, save_model_folder
 from timm_nfnet_ext.files import PathLike, staged_folder
 
 from .card import render_card

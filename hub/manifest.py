@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
+
+from .names import TAG_PATTERN
 
 __all__ = ['Release', 'ManifestError', 'DEFAULT_MANIFEST', 'load_manifest', 'get_release']
 
@@ -70,8 +71,6 @@ class Release:
         return repo_id
 
 
-# timm-nfnet-convert's --tag rule, repeated so that reading a manifest does not import torch
-_TAG = re.compile(r'^[a-z0-9_]+$')
 _REQUIRED = ('model', 'repo_name', 'source', 'train_size', 'test_size', 'params_m')
 
 
@@ -104,7 +103,7 @@ def _release_from_dict(key: str, d: Mapping[str, Any], where: str) -> Release:
         timm_model=timm_src.get('model'),
         origin=_origin(d.get('origin', 'custom'), key, where),
     )
-    if release.tag is not None and not _TAG.match(release.tag):
+    if release.tag is not None and not TAG_PATTERN.match(release.tag):
         raise ManifestError(f'{where}: release {key!r} has repo name {release.repo_name!r}: after its dot comes '
                             'the pretrained tag, lowercase letters, digits and _ (like nfnet_f0.dm_in1k)')
     return release

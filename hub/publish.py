@@ -23,9 +23,10 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 from .manifest import ManifestError, Release, get_release, load_manifest
 
+from .names import NAMESPACE_ENV
+
 __all__ = ['PublishError', 'connect_hub', 'upload_to_hub', 'main']
 
-NAMESPACE_ENV = 'TIMM_NFNET_HUB_NAMESPACE'  # the same variable timm_nfnet_ext.nfnet reads
 
 
 class PublishError(RuntimeError):

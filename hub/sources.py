@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
-from timm_nfnet_ext.checkpoint import sniff_checkpoint_format
+from timm_nfnet_ext.weights.checkpoint import sniff_checkpoint_format
 from timm_nfnet_ext.files import PathLike, atomic_path
 
 from .manifest import Release

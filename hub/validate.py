@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from timm_nfnet_ext.checkpoint import detect_layout, load_checkpoint_file
-from timm_nfnet_ext.convert import build_model_from_state
+from timm_nfnet_ext.weights.checkpoint import detect_layout, load_checkpoint_file
+from timm_nfnet_ext.weights.convert import build_model_from_state
 from timm_nfnet_ext.files import PathLike
 from timm_nfnet_ext.variants import variant_of
 

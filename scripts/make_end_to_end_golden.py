@@ -9,7 +9,7 @@ Writes ``OUT.npz`` with ``logits@<stem>`` (and ``input@<stem>``, NCHW, to locali
 The parameters come as an ``.npz`` of ``'<module>/<param>'`` arrays, made from the fixture's
 pickle by this package's safe reader (no pickle is loaded here):
 
-    python -c "import numpy as np; from timm_nfnet_ext.checkpoint import read_deepmind_pickle; \\
+    python -c "import numpy as np; from timm_nfnet_ext.weights.checkpoint import read_deepmind_pickle; \\
         np.savez('/tmp/p.npz', **read_deepmind_pickle('tests/fixtures/dm_reference/tiny_nfnet/params.pkl'))"
     DM_NFNETS_PARENT=<folder holding nfnets/> /tmp/tfenv/bin/python scripts/make_end_to_end_golden.py \\
         /tmp/p.npz tests/fixtures/dm_reference/tiny_nfnet/spec.json OUT.npz IMAGE.jpg ...

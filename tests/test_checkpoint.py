@@ -10,9 +10,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from timm_nfnet_ext import convert
-from timm_nfnet_ext.convert import build_model_from_state
-from timm_nfnet_ext.checkpoint import (
+from timm_nfnet_ext.weights import convert
+from timm_nfnet_ext.weights.convert import build_model_from_state
+from timm_nfnet_ext.weights.checkpoint import (
     CheckpointError, UnsafeCheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file,
     native_to_timm, read_deepmind_pickle, timm_to_native,
 )
@@ -107,7 +107,7 @@ def _safetensors_with_header_low_byte(path, low_byte):
 def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
     """A safetensors header length of 0x..80 must not send the file to the pickle reader."""
     from timm_nfnet_hub.sources import is_deepmind_format
-    from timm_nfnet_ext.checkpoint import sniff_checkpoint_format
+    from timm_nfnet_ext.weights.checkpoint import sniff_checkpoint_format
     path = _safetensors_with_header_low_byte(tmp_path / 'w.safetensors', 0x80)
     assert sniff_checkpoint_format(path) == 'safetensors'
     assert torch.equal(load_checkpoint_file(path)['w'], torch.arange(4.0))
@@ -117,7 +117,7 @@ def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
 
 def test_torch_files_are_recognised_by_content(tmp_path):
     """Legacy (pre-zip) torch.save files and zip ones without a torch extension load weights-only."""
-    from timm_nfnet_ext.checkpoint import sniff_checkpoint_format
+    from timm_nfnet_ext.weights.checkpoint import sniff_checkpoint_format
     sd = {'a.weight': torch.randn(3, 2), 'a.bias': torch.randn(3)}
     torch.save(sd, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)
     torch.save(sd, tmp_path / 'legacy4.pth', _use_new_zipfile_serialization=False, pickle_protocol=4)
@@ -370,7 +370,7 @@ def test_converted_files_are_byte_reproducible(tmp_path):
     digests = set()
     for run in range(2):  # separate processes: the hash-map order differs between them
         out = tmp_path / f'run{run}'
-        res = subprocess.run([sys.executable, '-m', 'timm_nfnet_ext.convert', args[0], '-o', str(out)] + args[1:],
+        res = subprocess.run([sys.executable, '-m', 'timm_nfnet_ext.weights.convert', args[0], '-o', str(out)] + args[1:],
                              capture_output=True, text=True, timeout=120,
                              env=dict(os.environ, PYTHONHASHSEED=str(run)))
         assert res.returncode == 0, res.stderr

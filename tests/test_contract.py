@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import timm_nfnet_ext
 from timm_nfnet_ext import MODEL_CFGS
-from timm_nfnet_ext.layers import _ACT_FNS, Activation, apply_activation
+from timm_nfnet_ext.accel import FastActivation
+from timm_nfnet_ext.layers import GAMMAS, apply_activation
 
 from conftest import tiny_model
 
@@ -187,7 +188,7 @@ def test_speed_paths_step_aside_under_scripting():
         model.set_grouped_ws(True)
         torch.testing.assert_close(_script(model)(x), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(_script(reparameterize_model(model))(x), want, rtol=1e-5, atol=1e-6)
-        if timm_nfnet_ext.prepack.onednn_available():
+        if timm_nfnet_ext.accel.prepack.onednn_available():
             torch.testing.assert_close(_script(prepack_for_cpu(model))(x), want, rtol=1e-5, atol=1e-6)
 
 
@@ -202,11 +203,24 @@ def test_scripted_model_saves_and_loads():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('name', sorted(_ACT_FNS))
+# JAX's defaults, each written with torch's own function (log_softmax over JAX's channel axis)
+_JAX_ACTIVATIONS = {
+    'identity': lambda x: x, 'celu': F.celu, 'elu': F.elu, 'gelu': lambda x: F.gelu(x, approximate='tanh'),
+    'leaky_relu': F.leaky_relu, 'log_sigmoid': F.logsigmoid, 'log_softmax': lambda x: F.log_softmax(x, dim=1),
+    'relu': F.relu, 'relu6': F.relu6, 'selu': F.selu, 'sigmoid': torch.sigmoid, 'silu': F.silu,
+    'soft_sign': F.softsign, 'softplus': F.softplus, 'tanh': torch.tanh,
+}
+
+
+def test_every_activation_of_the_gamma_table_is_defined():
+    assert sorted(_JAX_ACTIVATIONS) == sorted(GAMMAS)
+
+
+@pytest.mark.parametrize('name', sorted(GAMMAS))
 def test_scripted_activation_is_the_eager_one(name):
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
-    assert torch.equal(apply_activation(x, name), _ACT_FNS[name](x))  # float64: ATen in eager too
-    act = Activation(name, scale=1.5, inplace=True)
+    assert torch.equal(apply_activation(x, name), _JAX_ACTIVATIONS[name](x))  # float64: ATen in eager too
+    act = FastActivation(name, scale=1.5, inplace=True)
     torch.testing.assert_close(_script(act)(x.clone()), act(x.clone()), rtol=1e-15, atol=0)
 
 
@@ -263,19 +277,37 @@ def test_import_forward_and_backward_print_no_warnings():
     assert res.stderr == ''  # torch's logged warnings (e.g. is_fx_tracing's) go to stderr
 
 
-_REFERENCE_PATH = ['nfnet.py', 'layers.py', 'gelu.py', 'grouped_ws.py', 'prepack.py', 'convert.py']
+_PACKAGE = Path(timm_nfnet_ext.__file__).parent
+_ALL_FILES = sorted(str(p.relative_to(_PACKAGE)) for p in _PACKAGE.rglob('*.py'))
+# the network as DeepMind wrote it: these files import no speed path and no private torch API
+_REFERENCE_FILES = ['models/nfnet.py'] + sorted(str(p.relative_to(_PACKAGE)) for p in (_PACKAGE / 'layers').glob('*.py'))
 
 
-@pytest.mark.parametrize('filename', _REFERENCE_PATH)
+@pytest.mark.parametrize('filename', _ALL_FILES)
 def test_no_private_timm_or_torch_imports(filename):
     """Imports name public modules only (private names are looked up at run time, detected once)."""
-    tree = ast.parse((Path(timm_nfnet_ext.__file__).parent / filename).read_text())
+    tree = ast.parse((_PACKAGE / filename).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module != '__future__':
             private = [part for part in node.module.split('.') if part.startswith('_')]
             # torch's checkpoint_wrapper lives only in a private module (grouped_ws' off switch)
             if node.module != 'torch.distributed.algorithms._checkpoint.checkpoint_wrapper':
                 assert not private, f'{filename}:{node.lineno} imports from {node.module}'
+
+
+@pytest.mark.parametrize('filename', _REFERENCE_FILES)
+def test_reference_files_use_no_speed_path_and_no_private_torch(filename):
+    """The model and layer files compute the reference alone: no import from accel/, no private
+    torch attribute (``torch._C``, ``torch.ops``, ``_``-names), no hand-written autograd function."""
+    source = (_PACKAGE / filename).read_text()
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert 'accel' not in (node.module or ''), f'{filename}:{node.lineno} imports a speed path'
+            assert not any(a.name == 'accel' for a in node.names), f'{filename}:{node.lineno} imports accel'
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == 'torch':
+            assert not node.attr.startswith('_') and node.attr != 'ops', f'{filename}:{node.lineno} uses torch.{node.attr}'
+    assert 'autograd.Function' not in source
 
 
 def test_agc_registry_without_timm_default_registry(monkeypatch):
@@ -305,7 +337,7 @@ BASE_ONLY = textwrap.dedent('''
         sys.modules[name] = None
     import numpy as np, timm, torch, timm_nfnet_ext
     from timm_nfnet_ext.data import create_eval_transform
-    import timm_nfnet_ext.validate, timm_nfnet_ext.convert
+    import timm_nfnet_ext.validate, timm_nfnet_ext.weights.convert
     model = timm.create_model('nfnet_f0', widths=(32, 64, 96, 96), depths=(1, 1, 1, 1), group_width=16).eval()
     x = create_eval_transform(model, img_size=64)(np.zeros((50, 60, 3), np.uint8))
     assert model(x[None]).shape == (1, 1000)

@@ -255,7 +255,7 @@ def test_jpeg_bytes_to_logits_match_deepmind_end_to_end():
     (``scripts/make_end_to_end_golden.py``): four files, CMYK and progressive included."""
     import timm
     from conftest import FIXTURES, fixture_model_kwargs
-    from timm_nfnet_ext.checkpoint import checkpoint_filter_fn, read_deepmind_pickle
+    from timm_nfnet_ext.weights.checkpoint import checkpoint_filter_fn, read_deepmind_pickle
     model = timm.create_model('nfnet_f0', **fixture_model_kwargs('tiny_nfnet')).eval()
     model.load_state_dict(checkpoint_filter_fn(read_deepmind_pickle(FIXTURES / 'tiny_nfnet' / 'params.pkl'), model))
     golden = np.load(FIXTURES / 'tiny_nfnet' / 'end_to_end.npz')

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_nfnet_ext import gelu
-from timm_nfnet_ext.gelu import fast_cpu_gelu, gelu_tanh
-from timm_nfnet_ext.layers import Activation
+from timm_nfnet_ext.accel import gelu
+from timm_nfnet_ext.accel import FastActivation as Activation
+from timm_nfnet_ext.accel import configure, probes
+from timm_nfnet_ext.accel.gelu import gelu_tanh
 
 
 def _tanh_gelu64(x: torch.Tensor) -> torch.Tensor:
@@ -81,9 +82,9 @@ def test_fast_cpu_gelu_keeps_only_its_derivative():
 def test_fast_cpu_gelu_refuses_double_backward_and_can_be_switched_off():
     x = torch.randn(50, requires_grad=True)
     (gx,) = torch.autograd.grad(gelu_tanh(x).sum(), x)  # first order: fine
-    with pytest.raises(RuntimeError, match=r'double backward.*fast_cpu_gelu\(False\)'):
+    with pytest.raises(RuntimeError, match=r'double backward.*configure\(gelu=False\)'):
         torch.autograd.grad(gelu_tanh(x).sum(), x, create_graph=True)
-    with fast_cpu_gelu(False):
+    with configure(gelu=False):
         y = gelu_tanh(x)
         assert type(y.grad_fn).__name__ == 'GeluBackward0'  # ATen's, twice differentiable
         (g1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
@@ -168,7 +169,7 @@ def _raise(*args, **kwargs):
 def test_without_torchs_functorch_query_gelu_takes_atens_kernels(query, monkeypatch):
     """torch's private functorch query is looked up once at import; missing or failing, the
     hand-written passes step aside (ATen's GELU, bit for bit), with and without autograd."""
-    monkeypatch.setattr(gelu, 'FUNCTORCH_WRAPPED_QUERY', query)
+    monkeypatch.setattr(probes, 'FUNCTORCH_WRAPPED_QUERY', query)
     x = torch.randn(4, 8, 9, 9)
     assert not gelu._fast_cpu_dense(x)
     assert torch.equal(gelu_tanh(x), F.gelu(x, approximate='tanh'))
@@ -184,7 +185,7 @@ def test_without_torchs_functorch_query_gelu_takes_atens_kernels(query, monkeypa
 @pytest.mark.parametrize('query', [None, _raise])
 def test_without_torchs_view_query_training_gelu_keeps_its_input(query, monkeypatch):
     """Missing or failing, the view query answers 'a view': the training GELU runs out of place."""
-    monkeypatch.setattr(gelu, 'IS_VIEW_QUERY', query)
+    monkeypatch.setattr(probes, 'IS_VIEW_QUERY', query)
     a = torch.randn(4, 8, 9, 9, requires_grad=True)
     x = a * 1.0  # not a leaf, not a view: overwritten in place with the query
     before = x.detach().clone()

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from timm_nfnet_ext import grouped_ws
-from timm_nfnet_ext.checkpoint import checkpoint_filter_fn, load_checkpoint_file
-from timm_nfnet_ext.grouped_ws import _StandardizeRows, plan_groups
-from timm_nfnet_ext.layers import GROUPED, WSConv2d, _standardize_weight_autograd, standardize_weight
+from timm_nfnet_ext.accel import grouped_ws
+from timm_nfnet_ext.weights.checkpoint import checkpoint_filter_fn, load_checkpoint_file
+from timm_nfnet_ext.accel.grouped_ws import _StandardizeRows, plan_groups
+from timm_nfnet_ext.accel import FastWSConv2d
+from timm_nfnet_ext.accel.grouped_ws import GROUPED
+from timm_nfnet_ext.layers import WSConv2d, standardize_weight
 
 from conftest import FIXTURE_NAMES, FIXTURES, fixture_arrays, fixture_model_kwargs, tiny_model
 
@@ -30,7 +32,7 @@ def seen(monkeypatch):
     """Records which convs got a grouped weight (and its dtype and layout), and which ones
     standardised their own."""
     rec = dict(grouped=[], dtypes=set(), channels_last=set(), per_conv=[])
-    group_fn, own_fn = grouped_ws.standardize_group, WSConv2d.standardized_weight
+    group_fn, own_fn = grouped_ws.standardize_group, FastWSConv2d.standardized_weight
 
     def group(g):
         out = group_fn(g)
@@ -44,7 +46,7 @@ def seen(monkeypatch):
         rec['per_conv'].append(self)
         return own_fn(self)
     monkeypatch.setattr(grouped_ws, 'standardize_group', group)
-    monkeypatch.setattr(WSConv2d, 'standardized_weight', own)
+    monkeypatch.setattr(FastWSConv2d, 'standardized_weight', own)
     rec['clear'] = lambda: [v.clear() for k, v in rec.items() if k != 'clear']
     return rec
 
@@ -287,8 +289,7 @@ def test_double_backward_matches_the_plain_expression(monkeypatch):
         g = torch.autograd.grad(loss, model.stages[1][0].conv1.weight, create_graph=True)[0]
         g.square().sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    monkeypatch.setattr(WSConv2d, 'standardized_weight', lambda self: _standardize_weight_autograd(
-        self.weight, self.gain, self.input_scale, self.eps))
+    monkeypatch.setattr(FastWSConv2d, 'standardized_weight', WSConv2d.standardized_weight)  # the reference
     want, got = penalty_grads(False), penalty_grads(True)
     assert want.keys() == got.keys() and want
     for n in want:
@@ -321,7 +322,7 @@ def test_channels_last_weights_are_handed_out_channels_last(seen):
 
 def test_fewer_kernels_than_per_conv(monkeypatch):
     """The point of grouping: far fewer ops per training step than the per-conv GPU path (the
-    plain expression, ``_standardize_weight_autograd``), each a kernel launch on a GPU."""
+    plain expression, ``layers.standardize_weight``), each a kernel launch on a GPU."""
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -332,8 +333,7 @@ def test_fewer_kernels_than_per_conv(monkeypatch):
             return func(*args, **(kwargs or {}))
     views = {'view', '_unsafe_view', 't', 'detach', 'expand', 'reshape', 'unsqueeze', 'squeeze', 'split',
              'split_with_sizes', 'select', 'slice', 'alias', 'as_strided', 'permute', 'transpose'}
-    monkeypatch.setattr(WSConv2d, 'standardized_weight', lambda self: _standardize_weight_autograd(
-        self.weight, self.gain, self.input_scale, self.eps))
+    monkeypatch.setattr(FastWSConv2d, 'standardized_weight', WSConv2d.standardized_weight)  # the reference
     model = tiny_model(depths=(2, 2, 3, 2)).train()
     x = torch.randn(2, 3, 64, 64)
     counts = {}
@@ -410,7 +410,7 @@ def test_cuda_grouped_reproduces_deepmind_outputs(name):
 def test_without_torchs_private_probes_grouping_steps_aside(probe, seen, monkeypatch):
     """Where torch's private functorch / forward-AD query is missing, grouping (asked for) steps
     aside for good: each conv standardises its own weight, with the same numbers."""
-    from timm_nfnet_ext import layers
+    from timm_nfnet_ext.accel import probes as layers
     model = _live(tiny_model()).train()
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
     out_a, grads_a = _step(model, x, y, grouped=True)

@@ -17,10 +17,11 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from timm_nfnet_ext import MODEL_CFGS, checkpoint
-from timm_nfnet_ext.checkpoint import native_to_timm, read_deepmind_pickle, timm_to_native
-from timm_nfnet_ext.convert import build_model_from_state
-from timm_nfnet_ext.nfnet import HUB_NAMESPACE_ENV
+from timm_nfnet_ext import MODEL_CFGS
+from timm_nfnet_ext.weights import checkpoint
+from timm_nfnet_ext.weights.checkpoint import native_to_timm, read_deepmind_pickle, timm_to_native
+from timm_nfnet_ext.weights.convert import build_model_from_state
+from timm_nfnet_ext.models import HUB_NAMESPACE_ENV
 from timm_nfnet_ext.variants import F_VARIANTS
 
 from timm_nfnet_hub import publish

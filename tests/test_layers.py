@@ -1,8 +1,10 @@
-"""The hand-written pieces of layers.py against their plain definitions."""
+"""The reference layers (layers/) and their hand-written speed paths (accel/) against the plain definitions."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from timm_nfnet_ext.accel import FastActivation
+from timm_nfnet_ext.accel.weight_std import fast_standardize_weight
 from timm_nfnet_ext.layers import GAMMAS, Activation, WSConv2d, conv2d_same, same_pads, standardize_weight
 
 
@@ -22,8 +24,8 @@ def test_standardize_weight_value_and_gradients(floor):
     if floor == 'one_row':
         with torch.no_grad():
             w[2] = 0.5  # a constant row: zero variance, on the floor even at eps=1e-4
-    assert torch.autograd.gradcheck(lambda w, g: standardize_weight(w, g, 1.7, eps), (w, gain))
-    out = standardize_weight(w, gain, 1.7, eps)
+    assert torch.autograd.gradcheck(lambda w, g: fast_standardize_weight(w, g, 1.7, eps), (w, gain))
+    out = fast_standardize_weight(w, gain, 1.7, eps)
     ref = _reference_ws(w, gain, 1.7, eps)
     assert torch.allclose(out, ref, atol=1e-12)
     go = torch.randn_like(out)
@@ -32,9 +34,8 @@ def test_standardize_weight_value_and_gradients(floor):
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, atol=1e-10)
     assert torch.isfinite(ours[0]).all()
-    # the GPU path (the plain expression) gives the same values
-    from timm_nfnet_ext.layers import _standardize_weight_autograd
-    assert torch.allclose(_standardize_weight_autograd(w, gain, 1.7, eps), out, atol=1e-12)
+    # the reference expression (layers/conv.py) gives the same values
+    assert torch.allclose(standardize_weight(w, gain, 1.7, eps), out, atol=1e-12)
 
 def test_ws_conv_init_and_zero_weights_stay_finite():
     conv = WSConv2d(8, 16, 3)
@@ -61,7 +62,7 @@ def test_conv2d_same_matches_explicit_padding(h, w):
 
 def test_gelu_is_the_tanh_form_and_inplace_only_without_autograd():
     x = torch.randn(1000, dtype=torch.float64)
-    act = Activation('gelu', scale=GAMMAS['gelu'], inplace=True)
+    act = FastActivation('gelu', scale=GAMMAS['gelu'], inplace=True)
     tanh_form = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3))) * GAMMAS['gelu']
     assert torch.allclose(act(x.clone()), tanh_form, atol=1e-12)
     xr = x.clone().requires_grad_()
@@ -84,11 +85,11 @@ def test_ws_backward_uses_batch_norm_kernel_only_off_the_floor(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, 'native_batch_norm_backward', Spy())
     w = torch.randn(6, 4, 3, 3, requires_grad=True)
     gain = torch.rand(6, requires_grad=True)
-    standardize_weight(w, gain, 1.7).sum().backward()
+    fast_standardize_weight(w, gain, 1.7).sum().backward()
     assert calls == [1]
     with torch.no_grad():
         w[2] = 0.5  # a row on the eps floor
-    standardize_weight(w, gain, 1.7).sum().backward()
+    fast_standardize_weight(w, gain, 1.7).sum().backward()
     assert calls == [1]  # the written-out gradient
 
 
@@ -101,11 +102,11 @@ def test_without_torchs_private_probes_ws_takes_the_plain_expression(patch, monk
     """torch's private functorch / forward-AD queries are looked up once at import; where one is
     missing or fails, the CPU weight standardisation steps aside to the plain expression (same
     values and gradients)."""
-    from timm_nfnet_ext import layers
+    from timm_nfnet_ext.accel import probes as layers
     torch.manual_seed(0)
     w = torch.randn(6, 4, 3, 3, requires_grad=True)
     gain = torch.rand(6, requires_grad=True)
-    fast = standardize_weight(w, gain, 1.7)
+    fast = fast_standardize_weight(w, gain, 1.7)
     assert type(fast.grad_fn).__name__ == '_StandardizeWeightBackward'
     assert not layers.functorch_active() and not layers.forward_ad_active()
     if patch == 'forward_ad_unreadable':
@@ -114,7 +115,7 @@ def test_without_torchs_private_probes_ws_takes_the_plain_expression(patch, monk
     else:
         monkeypatch.setattr(layers, 'FUNCTORCH_PROBE', None if patch == 'functorch_missing' else _raise)
         assert layers.functorch_active()
-    plain = standardize_weight(w, gain, 1.7)
+    plain = fast_standardize_weight(w, gain, 1.7)
     assert type(plain.grad_fn).__name__ != '_StandardizeWeightBackward'
     torch.testing.assert_close(plain, fast, rtol=1e-5, atol=1e-6)
     go = torch.randn_like(plain)
@@ -124,7 +125,7 @@ def test_without_torchs_private_probes_ws_takes_the_plain_expression(patch, monk
 
 def test_probes_see_torch_func_and_forward_ad():
     from torch.autograd import forward_ad
-    from timm_nfnet_ext import layers
+    from timm_nfnet_ext.accel import probes as layers
     seen = []
     torch.func.vmap(lambda t: seen.append(layers.functorch_active()) or t)(torch.randn(2, 3))
     with forward_ad.dual_level():

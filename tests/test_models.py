@@ -33,7 +33,7 @@ def test_every_family_member_is_registered():
     assert expected == set(MODEL_CFGS)
     for name in expected:
         assert timm.is_model(name)
-        assert timm.models.model_entrypoint(name).__module__ == 'timm_nfnet_ext.nfnet'
+        assert timm.models.model_entrypoint(name).__module__ == 'timm_nfnet_ext.models.registry'
     # timm's own DeepMind ports stay untouched
     assert timm.models.model_entrypoint('dm_nfnet_f0').__module__ == 'timm.models.nfnet'
 
@@ -267,7 +267,7 @@ def test_output_stride_dilates_the_last_stages():
 def test_output_stride_follows_timm_dm_nfnet():
     """With the same weights, ours and timm's dm_nfnet_f0 differ as much at output_stride 16 and
     8 as at 32 (timm's port: erf-GELU, its padding): the same dilations and pools."""
-    from timm_nfnet_ext.checkpoint import checkpoint_filter_fn
+    from timm_nfnet_ext.weights.checkpoint import checkpoint_filter_fn
     x = torch.randn(1, 3, 64, 64)
     gaps = {}
     for output_stride in (32, 16, 8):
@@ -338,7 +338,7 @@ def test_float32_cpu_training_gradients_match_float64():
     standardisation through the batch-norm backward kernel) against float64, where ATen's GELU
     runs (the float64 weight standardisation is checked against autograd in test_layers)."""
     import copy
-    from timm_nfnet_ext.gelu import _GeluTanhCPU
+    from timm_nfnet_ext.accel.gelu import _GeluTanhCPU
     m = tiny_model(drop_rate=0.0).train()
     for p in m.parameters():  # non-trivial gains, biases and skip gains
         p.data.add_(torch.randn_like(p) * 0.1)
@@ -387,7 +387,7 @@ def test_torch_compile_fullgraph_at_several_input_sizes():
 
 
 def test_compiled_cpu_gelu_is_the_sigmoid_form_with_the_same_values_and_gradients():
-    from timm_nfnet_ext import gelu
+    from timm_nfnet_ext.accel import gelu
     traced = []
     real = gelu._gelu_tanh_sigmoid
 
@@ -502,8 +502,9 @@ def test_whole_models_pickle(form):
 @pytest.mark.parametrize('name', ['identity', 'gelu', 'log_softmax', 'elu', 'silu'])
 def test_activations_pickle_in_both_forms(name):
     import pickle
+    from timm_nfnet_ext.accel import FastActivation
     from timm_nfnet_ext.layers import Activation
     x = torch.randn(2, 3, 4, 4)
-    for act in (Activation(name), Activation(name, scale=1.5, inplace=True)):
+    for act in (Activation(name), FastActivation(name), FastActivation(name, scale=1.5, inplace=True)):
         copy = pickle.loads(pickle.dumps(act))
         assert torch.equal(copy(x.clone()), act(x.clone())) and copy.extra_repr() == act.extra_repr()

@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from timm_nfnet_ext import convert
-from timm_nfnet_ext.checkpoint import checkpoint_filter_fn
+from timm_nfnet_ext.weights import convert
+from timm_nfnet_ext.weights.checkpoint import checkpoint_filter_fn
 
 from conftest import FIXTURE_NAMES, FIXTURES, fixture_arrays, fixture_model_kwargs, fixture_spec
 import np_reference
@@ -46,7 +46,7 @@ def test_convert_command_line(tmp_path):
     name = 'tiny_nfnet_odd'
     import json
     res = subprocess.run(
-        [sys.executable, '-m', 'timm_nfnet_ext.convert', str(FIXTURES / name / 'params.pkl'), '-o', str(tmp_path),
+        [sys.executable, '-m', 'timm_nfnet_ext.weights.convert', str(FIXTURES / name / 'params.pkl'), '-o', str(tmp_path),
          '--model', 'nfnet_f0', '--model-kwargs', json.dumps(fixture_model_kwargs(name))],
         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -7,10 +7,10 @@ import pytest
 import timm
 import torch
 
-from timm_nfnet_ext import prepack
-from timm_nfnet_ext.checkpoint import checkpoint_filter_fn, load_checkpoint_file
+from timm_nfnet_ext.accel import prepack
+from timm_nfnet_ext.weights.checkpoint import checkpoint_filter_fn, load_checkpoint_file
 from timm_nfnet_ext.layers import SameConv2d, WSConv2d
-from timm_nfnet_ext.prepack import PrepackedConv2d, prepack_for_cpu
+from timm_nfnet_ext.accel.prepack import PrepackedConv2d, prepack_for_cpu
 
 from conftest import FIXTURE_NAMES, FIXTURES, fixture_arrays, fixture_model_kwargs, tiny_model
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import timm_nfnet_ext.train_checkpoint as ckpt_io
+import timm_nfnet_ext.train.checkpoint as ckpt_io
 from timm_nfnet_ext.train import main, weights_fingerprint
-from timm_nfnet_ext.train_data import EpochSampler
-from timm_nfnet_ext.train_recipe import resolve_settings
-from timm_nfnet_ext.train_setup import DistInfo, TrainError, prepare, resolve_optimizer
+from timm_nfnet_ext.train.data import EpochSampler
+from timm_nfnet_ext.train.recipe import resolve_settings
+from timm_nfnet_ext.train.setup import DistInfo, TrainError, prepare, resolve_optimizer
 
 from train_helpers import (REPO, TINY, assert_states_equal, child_env, load_ckpt, make_digits_folder, run_ok,
                            torchrun_cmd, train_cmd)
@@ -225,7 +225,7 @@ def test_evaluation_order_is_every_index_once_over_ranks_unseeded():
 
 
 def test_augmentation_does_not_depend_on_loader_workers(digits_dir):
-    from timm_nfnet_ext.train_data import build_datasets, build_loader
+    from timm_nfnet_ext.train.data import build_datasets, build_loader
     batches = {}
     for workers in (0, 2):
         args, _, _ = resolve_settings(['--data-dir', str(digits_dir), *TINY, '-b', '8', '--workers', str(workers),
@@ -282,7 +282,7 @@ def test_atomic_text_and_copy_keep_the_previous_file_on_failure(tmp_path, monkey
 
 def test_clip_counts_are_read_through_lookahead():
     import timm
-    from timm_nfnet_ext.train import _fold
+    from timm_nfnet_ext.train.loop import _fold
     lin = torch.nn.Linear(4, 3)
     opt = timm.optim.create_optimizer_v2(lin, 'lookahead_sgdagc', lr=0.1, clipping=1e-6)
     lin(torch.randn(2, 4)).sum().backward()
@@ -483,7 +483,7 @@ def test_console_script_and_timm_train_py_plugin_pieces():
 @pytest.mark.parametrize('has_val,mode', [(True, 'max'), (False, 'min')])
 def test_plateau_follows_the_metric_actually_tracked(has_val, mode):
     """Without a validation split the plateau scheduler watches the training loss: lower is better."""
-    from timm_nfnet_ext.train_setup import _scheduler
+    from timm_nfnet_ext.train.setup import _scheduler
     args, _, _ = resolve_settings(['--quickstart', '--sched', 'plateau', '--eval-metric', 'top1'])
     args.sched_on_updates = False  # plateau steps per epoch
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -527,8 +527,8 @@ def test_resume_at_an_epoch_boundary_with_another_batch_keeps_the_schedule(digit
 def test_validation_split_is_labelled_with_the_training_classes(digits_dir, tmp_path):
     """An ImageFolder numbers each split's classes on its own: a validation folder without one
     class is relabelled with the training split's indices; a class training lacks is refused."""
-    from timm_nfnet_ext.train_data import build_datasets
-    from timm_nfnet_ext.train_recipe import TrainError
+    from timm_nfnet_ext.train.data import build_datasets
+    from timm_nfnet_ext.train.recipe import TrainError
     root = tmp_path / 'data'
     shutil.copytree(digits_dir, root)
     shutil.rmtree(root / 'validation' / 'class_3')
@@ -544,7 +544,7 @@ def test_validation_split_is_labelled_with_the_training_classes(digits_dir, tmp_
 
 
 def test_schedule_changes_ignore_keys_an_older_checkpoint_lacks():
-    from timm_nfnet_ext.train_setup import _schedule_changes
+    from timm_nfnet_ext.train.setup import _schedule_changes
     now = {'sched': 'cosine', 'epochs': 10, 'decay_milestones': [90, 180, 270], 'steps_per_epoch': 5}
     old = {'sched': 'cosine', 'epochs': 10, 'steps_per_epoch': 5}  # saved before decay_milestones counted
     assert _schedule_changes(old, now) == []

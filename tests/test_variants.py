@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from timm_nfnet_ext.nfnet import MODEL_CFGS
+from timm_nfnet_ext.models import MODEL_CFGS
 from timm_nfnet_ext.variants import F_VARIANTS, reference_crop_pct, variant_of
 
 DOCS = Path(__file__).resolve().parents[1] / 'docs'

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 import timm
 from timm.utils import AverageMeter, accuracy
 
-from .checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint_file
-from .files import atomic_path
-from .variants import reference_crop_pct
 from .data import FileImageDataset, ImageDecodeError, create_eval_transform
-from .train_recipe import KwargsAction
+from .files import atomic_path
+from .train.recipe import KwargsAction
+from .variants import reference_crop_pct
+from .weights.checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint_file
 
 __all__ = ['ValidateError', 'build_parser', 'validate', 'main']
 
@@ -189,7 +189,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
                                 'writable folder')
     model = _create_model(args)
     if args.preprocess is None:
-        from .nfnet import NFNet
+        from .models import NFNet
         args.preprocess = 'reference' if isinstance(model, NFNet) else 'timm'
     transform, data_cfg = _transform(args, model)
     dataset = _dataset(args)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.sgd import sgd as torch_sgd
 
 from timm.optim import Lamb
 
 from .clip import (
-    ClipCounts, OnChunk, _agc_, _check_clipping, _check_nonfinite, _check_positive, _group_by, _with_dense_grads,
+    ClipCounts, OnChunk, _agc_, _check_clipping, _check_nonfinite, _check_positive, _with_dense_grads,
 )
-from . import clip as _clip
 
 # --------------------------------------------------------------------------- optimizers
 
@@ -150,16 +148,6 @@ class AGCMixin:
         return 'a parameter'
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether ``t`` fills its memory exactly, in some order of its dims (no gaps, no overlap)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _validate_group(group: Dict[str, Any]) -> None:
     """Check a group's AGC settings and store them as floats (an int ``agc_eps`` would break the step)."""
     group['clipping'] = _check_clipping(group['clipping'], where="a param group's clipping")
@@ -174,12 +162,9 @@ class SGDAGC(AGCMixin, torch.optim.SGD):
     ``nesterov=True, dampening=0`` after AGC (whose defaults this class takes), so
     ``foreach``/``fused`` work as in torch. See :class:`AGCMixin` for the AGC arguments.
 
-    On CPU the update runs chunk by chunk right after each chunk is clipped, while the chunk
-    is still in cache: torch's single-tensor update op for op, with its temporaries in a
-    reused scratch buffer, or torch's own functional ``torch.optim.sgd.sgd`` for
-    ``foreach=True`` and tensor ``lr`` / ``weight_decay``. Either way the result is
-    bit-identical to clipping and then calling ``torch.optim.SGD.step`` with the same
-    settings.
+    On CPU, ``accel/sgd.py`` runs the update chunk by chunk right after each chunk is clipped
+    (bit-identical to clipping and then ``torch.optim.SGD.step``; switch:
+    ``accel.configure(sgd=False)``).
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9,
@@ -192,80 +177,18 @@ class SGDAGC(AGCMixin, torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Evaluate ``closure`` (if given), clip gradients, then the SGD update."""
-        if not self._chunked_update_ok():
-            return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        group_of = {id(p): g for g in self.param_groups for p in g['params']}
-        done: set = set()
+        """Evaluate ``closure`` (if given), clip gradients, then torch's SGD update.
 
-        def update(params: List[Tensor]) -> None:
-            for group, ps in _group_by(params, lambda p: id(group_of[id(p)])).items():
-                self._sgd_update(group_of[id(ps[0])], ps)
-            done.update(id(p) for p in params)
+        Args:
+            closure: re-evaluates the model and returns the loss (as for any torch optimizer).
 
-        if self._clip_or_skip(on_chunk=update):
-            update([p for g in self.param_groups for p in g['params']
-                    if p.grad is not None and id(p) not in done])  # unclipped groups
-        return loss
-
-    def _chunked_update_ok(self) -> bool:
-        """Chunked updates on CPU only, and not with torch's fused or differentiable SGD."""
-        return all(_clip._immediate(p.device) and not g.get('fused') and not g.get('differentiable')
-                   for g in self.param_groups for p in g['params'])
-
-    def _sgd_update(self, group: Dict[str, Any], params: List[Tensor]) -> None:
-        """``torch.optim.SGD.step`` for ``params`` of ``group``: torch's functional when it asks
-        for ``foreach`` or tensor hyper-parameters, else :meth:`_sgd_update_single`."""
-        uses_momentum = group['momentum'] != 0
-        bufs = [self.state[p].get('momentum_buffer') if uses_momentum else None for p in params]
-        if group['foreach'] or any(isinstance(group[k], Tensor) for k in ('lr', 'weight_decay')):
-            torch_sgd(
-                params, [p.grad for p in params], bufs, foreach=group['foreach'],
-                weight_decay=group['weight_decay'], momentum=group['momentum'], lr=group['lr'],
-                dampening=group['dampening'], nesterov=group['nesterov'], maximize=group['maximize'])
-        else:
-            for i, p in enumerate(params):
-                bufs[i] = self._sgd_update_single(group, p, bufs[i])
-        if uses_momentum:
-            for p, buf in zip(params, bufs):
-                self.state[p]['momentum_buffer'] = buf
-
-    def _sgd_update_single(self, group: Dict[str, Any], p: Tensor, buf: Optional[Tensor]) -> Optional[Tensor]:
-        """torch's single-tensor SGD update, op for op (so bit-identical), with its temporaries
-        (negated gradient, gradient plus weight decay, plus momentum) written into one reused
-        scratch buffer strided like ``p``: torch allocates up to three parameter-sized tensors
-        per parameter per step, and on CPU fresh memory costs page faults (docs/agc.md, Speed)."""
-        momentum, dampening = group['momentum'], group['dampening']
-        scratch = self._scratch_like(p)  # None: torch's own out-of-place ops
-        grad = torch.neg(p.grad, out=scratch) if group['maximize'] else p.grad
-        if group['weight_decay'] != 0:
-            grad = torch.add(grad, p, alpha=group['weight_decay'], out=scratch)
-        if momentum != 0:
-            if buf is None:
-                buf = grad.detach().clone()
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            grad = torch.add(grad, buf, alpha=momentum, out=scratch) if group['nesterov'] else buf
-        p.add_(grad, alpha=-group['lr'])
-        return buf
-
-    def _scratch_like(self, p: Tensor) -> Optional[Tensor]:
-        """A scratch tensor with ``p``'s shape and strides: a view of one buffer per (device,
-        dtype), grown to the largest parameter seen (not part of the optimizer's state). None
-        where ``p`` or its gradient is not densely laid out alike: the memory order of an
-        elementwise op's output decides its inner loop, and with it the rounding of half types."""
-        if not _dense(p) or p.grad.stride() != p.stride():
-            return None
-        pool = self.__dict__.setdefault('_scratch', {})
-        key = (p.device, p.dtype)
-        buffer = pool.get(key)
-        if buffer is None or buffer.numel() < p.numel():
-            buffer = pool[key] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-        return buffer.as_strided(p.shape, p.stride())
+        Returns:
+            The closure's loss, or None.
+        """
+        from ..accel import sgd as fast_sgd  # (imported here: accel imports the models, which import nothing of agc)
+        if fast_sgd.applies(self):
+            return fast_sgd.chunked_step(self, closure)
+        return super().step(closure)
 
 
 class AdamWAGC(AGCMixin, torch.optim.AdamW):

@@ -17,8 +17,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .files import atomic_path, write_text_atomic
-from .train_recipe import TrainError
+from ..files import atomic_path, write_text_atomic
+from .recipe import TrainError
 
 __all__ = ['FORMAT', 'capture_rng', 'restore_rng', 'save_atomic', 'copy_atomic', 'write_text_atomic',
            'load_checkpoint', 'check_compatible', 'find_latest', 'list_checkpoints', 'remove_stale_temps']

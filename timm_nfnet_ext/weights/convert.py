@@ -15,12 +15,11 @@ import argparse
 import json
 import math
 import os
-import re
 import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import timm
 import torch
@@ -28,14 +27,16 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
-from . import __version__
+from timm_nfnet_hub.names import TAG_PATTERN
+
+from .. import __version__
+from ..files import PathLike
+from ..variants import reference_crop_pct
 from .checkpoint import CheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file
-from .variants import reference_crop_pct
 
 __all__ = ['build_model_from_state', 'list_nfnets', 'save_model_folder', 'is_release_conversion', 'conversion_cfg',
            'convert', 'main']
 
-PathLike = Union[str, os.PathLike]
 
 
 def build_model_from_state(
@@ -55,7 +56,7 @@ def build_model_from_state(
 
 def list_nfnets() -> list:
     """The model names this package registers."""
-    from .nfnet import MODEL_CFGS
+    from ..models import MODEL_CFGS
     return sorted(MODEL_CFGS)
 
 
@@ -146,9 +147,6 @@ def pretrained_cfg_for_data(model: nn.Module, input_size: Sequence[int], test_in
     return cfg
 
 
-_TAG = re.compile(r'^[a-z0-9_]+$')
-
-
 # keywords that leave the architecture (and so which weights it holds) as registered
 _SAME_ARCHITECTURE = frozenset({'drop_rate', 'drop_path_rate', 'num_classes', 'in_chans', 'global_pool',
                                 'output_stride'})
@@ -172,7 +170,7 @@ def conversion_cfg(model: nn.Module, release_weights: bool, tag: Optional[str] =
     the sizes and crops (``S / (S + 32)``, as the reference evaluates) the weights were trained
     and are evaluated at.
     """
-    if tag is not None and not _TAG.match(tag):
+    if tag is not None and not TAG_PATTERN.match(tag):
         raise ValueError(f'tag must be lowercase letters, digits and _ (like dm_in1k), got {tag!r}')
     for name, px in (('input_size', input_size), ('test_input_size', test_input_size)):
         if px is not None and px < 1:

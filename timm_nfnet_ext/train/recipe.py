@@ -210,8 +210,8 @@ def paper_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
     The learning rate is left to the batch rule: ``0.1 * global_batch / 256`` (--lr-base 0.1,
     --lr-base-size 256, linear). Resolution, RandAugment level and dropout follow the variant.
     """
-    from .nfnet import MODEL_CFGS
-    from .variants import F_VARIANTS, variant_of
+    from ..models import MODEL_CFGS
+    from ..variants import F_VARIANTS, variant_of
     notes: List[str] = []
     variant = variant_of(model)
     if variant is None:

@@ -1,4 +1,4 @@
-"""Weight standardisation of many convs at once: the GPU path of ``NFNet.forward``.
+"""Weight standardisation of many convs at once: the GPU path of an accelerated NFNet's forward.
 
 Why: standardising one conv's weight is about 25 small kernels per training step (about 10
 forward, 15 backward). On a GPU these are launch-bound host time, not arithmetic: NFNet-F0
@@ -15,7 +15,7 @@ weight once, so an unused stage costs nothing and, without autograd, a segment's
 freed as its convs finish. Grouping by segment, not over the whole network, keeps gradients
 ready stage by stage, so DDP can still overlap its all-reduce with the backward pass.
 
-The weights a conv should take are found through a thread-local hook (``layers.GROUPED``), so
+The weights a conv should take are found through a thread-local hook (``GROUPED``), so
 concurrent forwards in other threads, and other models called inside this one's forward,
 standardise their own weights as usual.
 """
@@ -23,13 +23,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+import threading
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .layers import GROUPED, WSConv2d, _standardize_weight_autograd, autocast_dtype, autocast_off
+from ..layers.conv import WSConv2d, standardize_weight
+from .probes import autocast_dtype, autocast_off
 
-__all__ = ['WSGroup', 'plan_groups', 'standardize_group', 'standardized_once']
+__all__ = ['GROUPED', 'WSGroup', 'plan_groups', 'standardize_group', 'standardized_once']
+
+
+class _GroupedWeights(threading.local):
+    """Per thread: where a conv takes a weight standardised with its group (``standardized_once``
+    sets ``take`` for the length of one model forward), or None."""
+    take: Optional[Callable[[WSConv2d], Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None
+
+
+GROUPED = _GroupedWeights()
 
 
 def _is_channels_last(w: torch.Tensor) -> bool:
@@ -59,7 +70,7 @@ class _StandardizeRows(torch.autograd.Function):
     """``out = (w - mean) * rsqrt(max(||w - mean||^2, eps)) * gain * row_scale``, per row of the
     stacked weights ``w`` of ``n`` convs (``params``: their weights, then their gains).
 
-    Like ``layers._StandardizeWeight``, but with one ``row_scale`` per row, and with no
+    Like ``weight_std._StandardizeWeight``, but with one ``row_scale`` per row, and with no
     data-dependent branch in the backward (that branch syncs with the host, which costs more
     than it saves on a GPU). The parameters themselves are saved, not the stacked copy, and
     restacked in the backward. With ``r = rsqrt(.) * gain * row_scale`` and
@@ -90,7 +101,7 @@ class _StandardizeRows(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             gain = torch.cat(gains) if n > 1 else gains[0]
             w = _stack(weights, cl)  # rows as (rows, fan_in, 1, 1): the per-conv formula applies as is
-            out = _standardize_weight_autograd(w[:, :, None, None], gain, row_scale, ctx.eps)[:, :, 0, 0]
+            out = standardize_weight(w[:, :, None, None], gain * row_scale, 1.0, ctx.eps)[:, :, 0, 0]
             needed = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
             grads = iter(torch.autograd.grad(out, needed, g, create_graph=True))
             return none + tuple(next(grads) if need else None for need in ctx.needs_input_grad[4:])

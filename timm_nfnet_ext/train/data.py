@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import FileImageDataset, create_eval_transform
-from .variants import reference_crop_pct
-from .train_recipe import TrainError
+from ..data import FileImageDataset, create_eval_transform
+from ..variants import reference_crop_pct
+from .recipe import TrainError
 
 __all__ = ['DigitsDataset', 'SeededDataset', 'EpochSampler', 'build_datasets', 'build_loader',
            'sample_seed', 'num_classes_of']

@@ -15,51 +15,19 @@ scale), ``gamma`` (activation gain, folded into the next conv, see ``layers.py``
 # No ``from __future__ import annotations`` here: torch.fx copies ``NFNet.forward``'s annotations
 # into the code it generates, where a string annotation becomes a name TorchScript cannot resolve
 # (timm's fx-then-TorchScript path).
-import contextlib
 import dataclasses
-import functools
-import os
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, get_device_dtype, register_notrace_function
-from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint, checkpoint_seq
 
-from .checkpoint import checkpoint_filter_fn
-from .variants import (F_VARIANTS, NFNET_WIDTHS, PLUS_WIDTHS, SERESNEXT_WIDTHS, Variant,
-                       reference_crop_pct)
-from .grouped_ws import plan_groups, standardized_once
-from .layers import (
-    Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, forward_ad_active, functorch_active, get_act_fn,
-)
+from ..layers import Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, gamma_of
 
-__all__ = ['NfNetCfg', 'NFBlock', 'NFNet', 'MODEL_CFGS']
-
-
-@functools.lru_cache(maxsize=None)  # imported on first use: FSDP's modules are slow to import
-def _wrappers_that_rerun_forward() -> Tuple[type, ...]:
-    """Module wrappers under which grouped weight standardisation must stay off: activation
-    checkpointing re-runs a block's forward in the backward (the grouped weights are gone by
-    then), and FSDP gathers a block's weights only when that block runs."""
-    found = []
-    try:  # torch keeps checkpoint_wrapper in a private module only; where it is gone, nothing can wrap with it
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
-        found.append(ActivationWrapper)
-    except ImportError:
-        pass
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        found.append(FullyShardedDataParallel)
-        from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard), torch >= 2.6
-        found.append(FSDPModule)
-    except ImportError:
-        pass
-    return tuple(found)
+__all__ = ['NfNetCfg', 'NFBlock', 'NFNet', 'check_input', 'feature_indices']
 
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -100,7 +68,7 @@ class NfNetCfg:
         if len(self.stem_widths) != 3:
             raise ValueError(f'stem_widths needs 3 entries (conv0..conv2; conv3 has widths[0] // 2), '
                              f'got {self.stem_widths}')
-        get_act_fn(self.activation)  # validates the name
+        gamma_of(self.activation)  # validates the name
         if not 0.0 <= self.drop_rate < 1.0 or not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError('drop_rate and drop_path_rate must be in [0, 1)')
 
@@ -142,7 +110,7 @@ class NFBlock(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        _, gamma = get_act_fn(activation)
+        gamma = gamma_of(activation)
         width = int((out_chs if big_width else in_chs) * expansion)
         groups = width // group_width
         if groups < 1:
@@ -311,10 +279,7 @@ class NFNet(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = cfg.drop_rate
         self.grad_checkpointing = False
-        # None: standardise conv weights in groups (grouped_ws.py) on CUDA, per conv elsewhere; an
-        # Optional[bool] (not annotated here: TorchScript warns about annotated None attributes)
-        self.grouped_ws = None
-        _, gamma = get_act_fn(cfg.activation)
+        gamma = gamma_of(cfg.activation)
 
         s0, s1, s2 = cfg.stem_widths
         stem_out = cfg.widths[0] // 2
@@ -391,51 +356,6 @@ class NFNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def set_grouped_ws(self, enable: Optional[bool] = True) -> None:
-        """Standardise conv weights in groups, once per forward (``grouped_ws.py``).
-
-        ``None`` (the default) picks it when the weights are on a GPU, where it saves about a
-        thousand kernel launches per F0 training step; on a CPU the per-conv path is faster.
-        The numbers are the reference's either way. It is off, whatever is set here, where a
-        block's forward may be run again or the weights are not all in place when the first
-        conv of a group runs: under gradient checkpointing (``set_grad_checkpointing``, or
-        blocks wrapped by torch's ``checkpoint_wrapper``), FSDP, ``torch.func`` transforms,
-        forward-mode AD and ``torch.compile``. Convs with forward pre-hooks standardise their
-        own weight. Blocks checkpointed by hand (``torch.utils.checkpoint`` inside a forward
-        this model cannot see) need ``set_grouped_ws(False)``.
-        """
-        self.grouped_ws = enable
-
-    def _use_grouped_ws(self, x: torch.Tensor) -> bool:
-        """Whether this forward (of input ``x``) standardises its conv weights in groups."""
-        if (self.grad_checkpointing and self.training) or torch.compiler.is_compiling():
-            return False
-        if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
-            return False  # a trace records each conv's own expression (the grouped function is Python)
-        if functorch_active() or forward_ad_active():
-            return False  # the hand-written autograd function has no vmap or forward-AD rule
-        if self.grouped_ws is not None:
-            return self.grouped_ws
-        param = next(self.parameters(), None)
-        return param is not None and param.is_cuda
-
-    def _standardized_once(self, x: torch.Tensor, stages: Sequence[nn.Module],
-                           final: bool = True) -> contextlib.AbstractContextManager:
-        """A context in which the convs of the stem, ``stages`` and final conv use grouped weights
-        (for a forward of input ``x``)."""
-        if not self._use_grouped_ws(x):
-            return contextlib.nullcontext()
-        wrappers, segments = _wrappers_that_rerun_forward(), []
-        for segment in [self.stem, *stages] + ([self.final_conv] if final else []):
-            convs = []
-            for m in segment.modules():
-                if isinstance(m, wrappers):
-                    return contextlib.nullcontext()
-                if isinstance(m, WSConv2d):
-                    convs.append(m)
-            segments.append(convs)
-        return standardized_once(plan_groups(segments))
-
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         """Gains, biases and skip gains: the reference decays only conv, SE and classifier weights."""
@@ -474,17 +394,16 @@ class NFNet(nn.Module):
         take_indices, max_index = feature_indices(num_stages + 1, indices)
         intermediates = []
         stages = self.stages if not stop_early else self.stages[:max_index]
-        with self._standardized_once(x, stages, final=len(stages) == num_stages):
-            for name, module in self.stem.named_children():
-                x = module(x)
-                if name == 'conv2' and 0 in take_indices:
-                    intermediates.append(x)
-            for idx, stage in enumerate(stages, start=1):
-                x = checkpoint(stage, x) if self.grad_checkpointing and self.training else stage(x)
-                if idx == num_stages:
-                    x = self.final_conv(x)
-                if idx in take_indices:
-                    intermediates.append(x)
+        for name, module in self.stem.named_children():
+            x = module(x)
+            if name == 'conv2' and 0 in take_indices:
+                intermediates.append(x)
+        for idx, stage in enumerate(stages, start=1):
+            x = checkpoint(stage, x) if self.grad_checkpointing and self.training else stage(x)
+            if idx == num_stages:
+                x = self.final_conv(x)
+            if idx in take_indices:
+                intermediates.append(x)
         if intermediates_only:
             return intermediates
         if len(stages) == num_stages:
@@ -515,12 +434,6 @@ class NFNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stages, final conv and its (gamma-scaled) activation: the map before pooling."""
         self.check_input(x)
-        if torch.jit.is_scripting():  # TorchScript: each conv standardises its own weight
-            return self._features(x)
-        with self._standardized_once(x, self.stages):
-            return self._features(x)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)
@@ -535,269 +448,3 @@ class NFNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# --- architectures ---------------------------------------------------------------------------
-# Depths, widths and dropout come from the one table of variant facts (variants.py).
-MODEL_CFGS: Dict[str, NfNetCfg] = {}
-for _v in F_VARIANTS:
-    MODEL_CFGS[_v.name] = NfNetCfg(depths=_v.depths, widths=NFNET_WIDTHS, drop_rate=_v.drop_rate)
-    MODEL_CFGS[f'{_v.name}_plus'] = NfNetCfg(depths=_v.depths, widths=PLUS_WIDTHS, drop_rate=_v.drop_rate)
-for _v in F_VARIANTS[:4]:
-    MODEL_CFGS[f'nf_seresnextd_f{_v.index}'] = NfNetCfg(
-        depths=_v.depths, widths=SERESNEXT_WIDTHS, use_two_convs=False, drop_rate=_v.drop_rate)
-MODEL_CFGS['nf_seresnext50d'] = NfNetCfg(depths=(3, 4, 6, 3), widths=SERESNEXT_WIDTHS, use_two_convs=False)
-MODEL_CFGS['nf_seresnext101d'] = NfNetCfg(depths=(3, 4, 23, 3), widths=SERESNEXT_WIDTHS, use_two_convs=False)
-
-
-def _create_nfnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    try:
-        model = build_model_with_cfg(
-            NFNet,
-            variant,
-            pretrained,
-            model_cfg=MODEL_CFGS[variant],
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(flatten_sequential=True),
-            **kwargs,
-        )
-    except Exception as e:
-        if pretrained and hasattr(e, 'add_note') and _is_hub_miss(e):
-            e.add_note(_hub_miss_note(variant, kwargs))
-        raise
-    if not isinstance(model, NFNet):  # features_only: timm's wrapper calls our modules directly
-        _check_inputs_of(model, kwargs.get('in_chans', 3))
-    return model
-
-
-def _check_inputs_of(features: nn.Module, in_chans: int) -> None:
-    """The input check of ``forward_features`` for timm's feature wrappers (list/dict/hook/fx),
-    as a forward pre-hook; the minimum size is the deepest returned feature's stride."""
-    reductions = features.feature_info.reduction()
-    if not reductions:
-        raise ValueError('features_only: out_indices selects no feature (a tuple of indices into the 5 taps, '
-                         'e.g. (1, 2, 3, 4), or an int n for the last n)')
-    features.nfnet_in_chans, features.nfnet_min_input_size = in_chans, max(reductions)
-    features.register_forward_pre_hook(_check_features_input)
-
-
-def _check_features_input(module: nn.Module, args: Tuple[torch.Tensor]) -> None:
-    """A feature wrapper's forward pre-hook running ``check_input``, with the numbers kept on the
-    wrapper: a module-level function, so that the model pickles and TorchScript compiles it."""
-    if not torch.jit.is_scripting():
-        if not args or not isinstance(args[0], torch.Tensor):
-            return  # called with keywords: nothing this hook can see
-    check_input(args[0], module.nfnet_in_chans, module.nfnet_min_input_size)
-
-
-def _is_hub_miss(e: Exception) -> bool:
-    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError  # (offline misses are EntryNotFound)
-    return isinstance(e, (EntryNotFoundError, HfHubHTTPError))
-
-
-def _hub_miss_note(variant: str, kwargs: Dict[str, Any]) -> str:
-    """What a failed weight download was after: huggingface_hub's own message names neither
-    the repo nor the offline setting."""
-    from timm.models import resolve_pretrained_cfg
-    try:
-        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-        where = f'{cfg.hf_hub_id}/{cfg.hf_hub_filename or "model.safetensors"}'
-    except Exception:  # the note must never hide the original error
-        where = 'its Hub repo'
-    from huggingface_hub import constants
-    note = f'timm_nfnet_ext: pretrained weights of {variant}: could not fetch {where}.'
-    if constants.HF_HUB_OFFLINE:
-        note += ' HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache.'
-    return note
-
-
-# --- pretrained configs ------------------------------------------------------------------------
-PAPER = 'High-Performance Large-Scale Image Recognition Without Normalization'
-
-
-def _cfg(train_px: int = 224, test_px: int = 256, **kwargs: Any) -> Dict[str, Any]:
-    """Reference preprocessing: bicubic squash-resize to S+32, centre crop S, ImageNet mean/std."""
-    return {
-        'num_classes': 1000,
-        'input_size': (3, train_px, train_px),
-        'test_input_size': (3, test_px, test_px),
-        'pool_size': (-(-train_px // 32), -(-train_px // 32)),
-        # resize S+32, crop S at either size: the reference's rule at the test size, and the same
-        # rule at the train size (one crop_pct for both would resize to 216, not 224, at 192 px)
-        'crop_pct': reference_crop_pct(train_px),
-        'test_crop_pct': reference_crop_pct(test_px),
-        'crop_mode': 'squash',
-        'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv0',
-        'classifier': 'head.fc',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2102.06171',
-        'paper_name': PAPER,
-        'origin_url': 'https://github.com/google-deepmind/deepmind-research/tree/master/nfnets',
-        **kwargs,
-    }
-
-
-HUB_NAMESPACE_ENV = 'TIMM_NFNET_HUB_NAMESPACE'
-
-
-def hub_repo_id(arch: str, tag: str = 'dm_in1k') -> str:
-    """Where ``arch.tag``'s weights are downloaded from.
-
-    By default the copies timm hosts of DeepMind's weights (``timm/dm_nfnet_f0.dm_in1k``, timm's
-    layout, converted on load). With ``TIMM_NFNET_HUB_NAMESPACE=ORG`` set before import, every
-    cfg points at ``ORG/<arch>.<tag>``, the repos ``timm-nfnet-hub publish`` writes.
-    """
-    namespace = os.environ.get(HUB_NAMESPACE_ENV, '').strip()
-    return f'{namespace}/{arch}.{tag}' if namespace else f'timm/dm_{arch}.{tag}'
-
-
-def _sizes(v: Variant) -> Tuple[int, int]:
-    return v.train_size, v.test_size
-
-
-def _weights_cfg(v: Variant) -> Dict[str, Any]:
-    # named explicitly, so timm loads model.safetensors and never falls back to a pickled
-    # pytorch_model.bin (and an offline miss names the file that is missing)
-    return _cfg(*_sizes(v), hf_hub_id=hub_repo_id(v.name), hf_hub_filename='model.safetensors')
-
-
-default_cfgs = generate_default_cfgs({
-    **{f'{v.name}.dm_in1k' if v.top1 is not None else v.name:
-       _weights_cfg(v) if v.top1 is not None else _cfg(*_sizes(v)) for v in F_VARIANTS},
-    **{f'{v.name}_plus': _cfg(*_sizes(v)) for v in F_VARIANTS},
-    **{f'nf_seresnextd_f{v.index}': _cfg(*_sizes(v)) for v in F_VARIANTS[:4]},
-    'nf_seresnext50d': _cfg(224, 256),
-    'nf_seresnext101d': _cfg(224, 256),
-})
-
-
-# --- entry points --------------------------------------------------------------------------------
-# timm registers weightless `nfnet_f0..f7` of its own; these replace them on purpose (timm's
-# `dm_nfnet_*` are left alone), so the "Overwriting ... in registry" warnings are silenced.
-with warnings.catch_warnings():
-    warnings.filterwarnings('ignore', message=r'Overwriting nfnet_f\d in registry')
-
-    @register_model
-    def nfnet_f0(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F0 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
-        return _create_nfnet('nfnet_f0', pretrained, **kwargs)
-
-    @register_model
-    def nfnet_f1(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F1 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
-        return _create_nfnet('nfnet_f1', pretrained, **kwargs)
-
-    @register_model
-    def nfnet_f2(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F2 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
-        return _create_nfnet('nfnet_f2', pretrained, **kwargs)
-
-    @register_model
-    def nfnet_f3(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F3 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
-        return _create_nfnet('nfnet_f3', pretrained, **kwargs)
-
-    @register_model
-    def nfnet_f4(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F4 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
-        return _create_nfnet('nfnet_f4', pretrained, **kwargs)
-
-    @register_model
-    def nfnet_f5(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F5 with DeepMind's weights (``dm_in1k``; sizes, accuracy: ``variants.py``)."""
-        return _create_nfnet('nfnet_f5', pretrained, **kwargs)
-
-    @register_model
-    def nfnet_f6(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F6 with DeepMind's weights, trained with SAM (``dm_in1k``; facts: ``variants.py``)."""
-        return _create_nfnet('nfnet_f6', pretrained, **kwargs)
-
-    @register_model
-    def nfnet_f7(pretrained: bool = False, **kwargs: Any) -> NFNet:
-        """NFNet-F7 (no weights were released)."""
-        return _create_nfnet('nfnet_f7', pretrained, **kwargs)
-
-
-@register_model
-def nfnet_f0_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F0+: F0 depths, widths 384/768/2048/2048 (no released weights)."""
-    return _create_nfnet('nfnet_f0_plus', pretrained, **kwargs)
-
-
-@register_model
-def nfnet_f1_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F1+ (no released weights)."""
-    return _create_nfnet('nfnet_f1_plus', pretrained, **kwargs)
-
-
-@register_model
-def nfnet_f2_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F2+ (no released weights)."""
-    return _create_nfnet('nfnet_f2_plus', pretrained, **kwargs)
-
-
-@register_model
-def nfnet_f3_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F3+ (no released weights)."""
-    return _create_nfnet('nfnet_f3_plus', pretrained, **kwargs)
-
-
-@register_model
-def nfnet_f4_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F4+, the paper's JFT-300M model (no released weights)."""
-    return _create_nfnet('nfnet_f4_plus', pretrained, **kwargs)
-
-
-@register_model
-def nfnet_f5_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F5+ (no released weights)."""
-    return _create_nfnet('nfnet_f5_plus', pretrained, **kwargs)
-
-
-@register_model
-def nfnet_f6_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F6+ (no released weights)."""
-    return _create_nfnet('nfnet_f6_plus', pretrained, **kwargs)
-
-
-@register_model
-def nfnet_f7_plus(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NFNet-F7+ (no released weights)."""
-    return _create_nfnet('nfnet_f7_plus', pretrained, **kwargs)
-
-
-@register_model
-def nf_seresnextd_f0(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-D at F0 depths: the paper's Table 2 baseline."""
-    return _create_nfnet('nf_seresnextd_f0', pretrained, **kwargs)
-
-
-@register_model
-def nf_seresnextd_f1(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-D at F1 depths: the paper's Table 2 baseline."""
-    return _create_nfnet('nf_seresnextd_f1', pretrained, **kwargs)
-
-
-@register_model
-def nf_seresnextd_f2(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-D at F2 depths: the paper's Table 2 baseline."""
-    return _create_nfnet('nf_seresnextd_f2', pretrained, **kwargs)
-
-
-@register_model
-def nf_seresnextd_f3(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-D at F3 depths: the paper's Table 2 baseline."""
-    return _create_nfnet('nf_seresnextd_f3', pretrained, **kwargs)
-
-
-@register_model
-def nf_seresnext50d(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-50-D: depths 3,4,6,3 with the NF-SE-ResNeXt-D block."""
-    return _create_nfnet('nf_seresnext50d', pretrained, **kwargs)
-
-
-@register_model
-def nf_seresnext101d(pretrained: bool = False, **kwargs: Any) -> NFNet:
-    """NF-SE-ResNeXt-101-D: depths 3,4,23,3 with the NF-SE-ResNeXt-D block."""
-    return _create_nfnet('nf_seresnext101d', pretrained, **kwargs)

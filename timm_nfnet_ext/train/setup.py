@@ -20,11 +20,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.utils import random_seed
 
-from . import train_checkpoint as ckpt_io
-from .convert import missing_folders, remove_empty_folders
-from .train_data import EpochSampler, build_datasets, build_loader, num_classes_of
-from .train_recipe import TrainError
-from .variants import REFERENCE_PADDING
+from ..variants import REFERENCE_PADDING
+from ..weights.convert import missing_folders, remove_empty_folders
+from . import checkpoint as ckpt_io
+from .data import EpochSampler, build_datasets, build_loader, num_classes_of
+from .recipe import TrainError
 
 __all__ = ['DistInfo', 'Run', 'init_distributed', 'prepare', 'PaperEma', 'resolve_optimizer']
 
@@ -88,7 +88,7 @@ def _make_ema(model: nn.Module, args: Any) -> Optional[nn.Module]:
 def resolve_optimizer(args: Any) -> Tuple[str, Optional[float], Dict[str, Any]]:
     """(timm optimizer name, AGC clipping or None, extra keywords) for ``--opt``/``--agc``."""
     from timm.optim import get_optimizer_info, list_optimizers
-    from . import agc
+    from .. import agc
     name = args.opt.lower()
     base = name.split('_')[-1]
     known = set(list_optimizers())
@@ -124,7 +124,7 @@ def build_optimizer(model: nn.Module, args: Any, name: str, clipping: Optional[f
                     kwargs: Dict[str, Any]) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2``; AGC optimizers get the paper's parameter groups."""
     from timm.optim import create_optimizer_v2
-    from .agc import agc_param_groups
+    from ..agc import agc_param_groups
     extra = dict(kwargs)
     if args.opt_eps is not None:
         extra['eps'] = args.opt_eps
@@ -335,8 +335,8 @@ def _as_list(v: Any) -> Any:
 def prepare(args: Any, dist_info: DistInfo) -> Run:
     """Check everything and build the run; ``TrainError`` names the first problem found."""
     import timm
-    from . import agc  # noqa: F401  (registers sgdagc / adamwagc / lambagc)
-    from . import nfnet  # noqa: F401  (registers the models)
+    from .. import agc  # noqa: F401  (registers sgdagc / adamwagc / lambagc)
+    from .. import models  # noqa: F401  (registers the models)
     for module in args.device_modules:
         try:
             importlib.import_module(module)

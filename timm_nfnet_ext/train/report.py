@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
-from .train_checkpoint import atomic_path, write_text_atomic
+from ..files import atomic_path, write_text_atomic
 
 __all__ = ['to_plain', 'format_settings', 'settings_yaml', 'write_summary', 'write_plot', 'SUMMARY_COLUMNS']
 

@@ -1,4 +1,4 @@
-"""The reference's tanh-GELU, fast on CPU: ``gelu_tanh`` and the ``fast_cpu_gelu`` switch.
+"""The reference's tanh-GELU, fast on CPU: ``gelu_tanh``.
 
 DeepMind's NFNets use JAX's ``gelu``, the tanh approximation. ATen's CPU kernels for it (forward
 and backward) spend most of their time in a vectorised ``tanh`` that is ~3.5x slower than its
@@ -15,12 +15,15 @@ kernels.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['gelu_tanh', 'fast_cpu_gelu']
+from . import switches
+from .probes import functorch_wrapped, is_view
+
+__all__ = ['gelu_tanh']
 
 _GELU_2A = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_2AB = _GELU_2A * 0.044715
@@ -32,73 +35,18 @@ def _gelu_tanh_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 _is_compiling = torch.compiler.is_compiling
-_fast_cpu_gelu_enabled = True
-
-
-# The hand-written passes write through ``out=`` and ``as_strided`` views, which a functorch
-# wrapper (vmap, grad) cannot take, and overwrite an input in place only where autograd allows
-# it (not on views). torch answers both only through private APIs: they are looked up once, here,
-# and where one is missing or fails, the answer is the safe one (wrapped / a view: ATen's kernels,
-# out of place).
-def _find_private_query(owner: Any, name: str) -> Callable[[torch.Tensor], bool] | None:
-    """``owner.name`` if it exists and answers False for a plain tensor, else None."""
-    query = getattr(owner, name, None)
-    try:
-        return query if callable(query) and query(torch.zeros(())) is False else None
-    except Exception:  # a changed private signature: treat as missing
-        return None
-
-
-FUNCTORCH_WRAPPED_QUERY = _find_private_query(getattr(torch._C, '_functorch', None), 'is_functorch_wrapped_tensor')
-IS_VIEW_QUERY = _find_private_query(torch.Tensor, '_is_view')
-
-
-def _ask(query: Callable[[torch.Tensor], bool] | None, x: torch.Tensor) -> bool:
-    """``query(x)``; True (the safe answer) where the query is missing or fails."""
-    if query is None:
-        return True
-    try:
-        return bool(query(x))
-    except Exception:
-        return True
-
-
-class fast_cpu_gelu:  # noqa: N801 (used like a function: ``fast_cpu_gelu(False)``)
-    """Switch the hand-written CPU float32 tanh-GELU (forward and backward) on or off.
-
-    Its forward saves the derivative, a constant to autograd, instead of the input, so it cannot
-    be differentiated twice: turn it off for double backward on CPU
-    (``create_graph=True``, e.g. gradient penalties or AdaHessian); ATen's kernels are used then.
-    A process-wide setting; as a context manager it restores the previous one on exit::
-
-        with timm_nfnet_ext.gelu.fast_cpu_gelu(False):
-            loss = model(x).sum()
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-    """
-
-    def __init__(self, enabled: bool):
-        global _fast_cpu_gelu_enabled
-        self.previous = _fast_cpu_gelu_enabled
-        _fast_cpu_gelu_enabled = bool(enabled)
-
-    def __enter__(self) -> 'fast_cpu_gelu':
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        global _fast_cpu_gelu_enabled
-        _fast_cpu_gelu_enabled = self.previous
 
 
 def _fast_cpu_dense(x: torch.Tensor) -> bool:
     """A real, dense CPU float32 tensor that the hand-written ``out=`` / ``as_strided`` passes may
     touch: no functorch wrapper (vmap, grad), no forward-AD tangent."""
-    if not _fast_cpu_gelu_enabled or x.device.type != 'cpu' or x.dtype != torch.float32:
+    if not switches.gelu or x.device.type != 'cpu' or x.dtype != torch.float32:
         return False
     if torch.jit.is_tracing():  # torch.jit.trace / ONNX export record ATen's GELU, not our passes
         return False
     if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return False
-    if _ask(FUNCTORCH_WRAPPED_QUERY, x):
+    if functorch_wrapped(x):
         return False
     return torch.autograd.forward_ad.unpack_dual(x).tangent is None
 
@@ -165,7 +113,7 @@ class _GeluTanhCPU(torch.autograd.Function):
     pair runs on ``sigmoid``: the forward also writes the derivative, which is all the backward
     needs (one multiply), faster than ATen's pair (docs/performance.md). It saves
     that one tensor where ATen saves the input, so memory is as with ATen. The price is no
-    double backward (``fast_cpu_gelu``). In place (a conv output nothing else reads), the
+    double backward (``timm_nfnet_ext.accel.configure(gelu=False)``). In place (a conv output nothing else reads), the
     output overwrites the input.
     """
 
@@ -183,7 +131,7 @@ class _GeluTanhCPU(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 'double backward (create_graph=True) through the fast CPU tanh-GELU is not supported: '
-                'call timm_nfnet_ext.gelu.fast_cpu_gelu(False) before the forward pass')
+                'call timm_nfnet_ext.accel.configure(gelu=False) before the forward pass')
         (deriv,) = ctx.saved_tensors
         return torch.mul(grad, deriv, out=torch.empty_like(deriv)), None  # in the input's memory order
 
@@ -202,7 +150,7 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     - while ``torch.compile`` traces for a CPU, that form is given to inductor, whose fused loop
       then runs on ``exp`` (F0 compiled inference, batch 8, 256 px: ~12% faster end to end).
     Everything else (other devices and dtypes, non-dense layouts, functorch and forward-AD
-    tensors, ``torch.jit.trace`` and ONNX export, ``fast_cpu_gelu(False)``) uses ATen's kernels.
+    tensors, ``torch.jit.trace`` and ONNX export, ``accel.configure(gelu=False)``) uses ATen's kernels.
     """
     if _is_compiling():
         return _gelu_tanh_sigmoid(x) if x.device.type == 'cpu' else F.gelu(x, approximate='tanh')
@@ -210,5 +158,5 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if not _fast_cpu_dense(x):
         return torch.ops.aten.gelu_(x, approximate='tanh') if inplace and not tracked else F.gelu(x, approximate='tanh')
     if tracked:  # autograd forbids in-place on leaves and on some views: out of place there
-        return _GeluTanhCPU.apply(x, inplace and not x.is_leaf and not _ask(IS_VIEW_QUERY, x))
+        return _GeluTanhCPU.apply(x, inplace and not x.is_leaf and not is_view(x))
     return _gelu_forward(x, x if inplace else torch.empty_like(x))  # empty_like keeps dense strides

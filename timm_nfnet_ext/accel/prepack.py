@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from .layers import SameConv2d, autocast_dtype, conv2d_same, same_conv_input
+from ..layers.conv import SameConv2d, conv2d_same, same_conv_input
+from .probes import autocast_dtype
 
 __all__ = ['PrepackedConv2d', 'prepack_for_cpu', 'onednn_available']
 

@@ -23,11 +23,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import train_checkpoint as ckpt_io
-from .train_data import EpochSampler, build_loader
-from .train_recipe import TrainError, resolve_settings
-from .train_report import format_settings, settings_yaml, to_plain, write_plot, write_summary
-from .train_setup import DistInfo, Run, init_distributed, prepare
+from . import checkpoint as ckpt_io
+from .data import EpochSampler, build_loader
+from .recipe import TrainError, resolve_settings
+from .report import format_settings, settings_yaml, to_plain, write_plot, write_summary
+from .setup import DistInfo, Run, init_distributed, prepare
 
 __all__ = ['main', 'train', 'evaluate', 'weights_fingerprint']
 
@@ -346,7 +346,7 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     """Write the best weights as model.safetensors + config.json, reload them through timm's
     pretrained path, and measure the reloaded model on the validation split."""
     import timm
-    from .convert import pretrained_cfg_for_data, save_model_folder
+    from ..weights.convert import pretrained_cfg_for_data, save_model_folder
     best = run.run_dir / 'model_best.pth.tar'
     data = ckpt_io.load_checkpoint(best if best.is_file() else run.run_dir / 'last.pth.tar')
     weights = data['ema'] if data.get('ema') is not None else data['model']
@@ -446,6 +446,3 @@ def _shutdown(barrier: bool = True) -> None:
             dist.barrier()
         dist.destroy_process_group()
 
-
-if __name__ == '__main__':
-    sys.exit(main())

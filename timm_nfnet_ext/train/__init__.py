@@ -1,0 +1,13 @@
+"""``timm-nfnet-train``: timm's training flags, AGC, the paper's recipe, DDP and exact resume.
+
+- ``recipe.py``: the command line (timm's flag names), the recipes and the resolved settings;
+- ``setup.py``: distributed set-up, model, optimizer, schedule, EMA, loaders, resume;
+- ``data.py``: datasets, transforms and the resumable distributed sampler;
+- ``loop.py``: the training loop, evaluation, checkpoints and the ``main`` entry point;
+- ``checkpoint.py``: training checkpoints (atomic, pruned, RNG states);
+- ``report.py``: the settings and summary files and the curves plot.
+"""
+from .loop import main, train, weights_fingerprint
+from .recipe import TrainError, build_parser, resolve_settings
+
+__all__ = ['main', 'train', 'weights_fingerprint', 'TrainError', 'build_parser', 'resolve_settings']
