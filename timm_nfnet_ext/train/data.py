@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import FileImageDataset, create_eval_transform
 from ..variants import reference_crop_pct
+from .config import TrainConfig
 from .recipe import TrainError
 
 __all__ = ['DigitsDataset', 'SeededDataset', 'EpochSampler', 'build_datasets', 'build_loader',
@@ -182,26 +183,26 @@ class DataBundle:
     name: str
 
 
-def _dataset_name(args: Any) -> str:
-    if args.dataset:
-        return args.dataset
-    return '' if args.data_dir else DIGITS
+def _dataset_name(cfg: TrainConfig) -> str:
+    if cfg.dataset:
+        return cfg.dataset
+    return '' if cfg.data_dir else DIGITS
 
 
-def _check_folder(args: Any, name: str) -> None:
-    if name == DIGITS or name.startswith(('hfds/', 'hfids/')) or args.dataset_download:
+def _check_folder(cfg: TrainConfig, name: str) -> None:
+    if name == DIGITS or name.startswith(('hfds/', 'hfids/')) or cfg.dataset_download:
         return
-    if not args.data_dir:
+    if not cfg.data_dir:
         raise TrainError(f'--dataset {name!r} needs --data-dir (its root folder)')
-    if not os.path.isdir(args.data_dir):
-        raise TrainError(f'data folder {args.data_dir!r} does not exist (or is not a folder)')
-    if not any(os.scandir(args.data_dir)):
-        raise TrainError(f'data folder {args.data_dir!r} is empty')
+    if not os.path.isdir(cfg.data_dir):
+        raise TrainError(f'data folder {cfg.data_dir!r} does not exist (or is not a folder)')
+    if not any(os.scandir(cfg.data_dir)):
+        raise TrainError(f'data folder {cfg.data_dir!r} is empty')
     if name == '':
-        for split, flag in ((args.train_split, '--train-split'), (args.val_split, '--val-split')):
-            if split and _split_folder(args.data_dir, split) is None:
+        for split, flag in ((cfg.train_split, '--train-split'), (cfg.val_split, '--val-split')):
+            if split and _split_folder(cfg.data_dir, split) is None:
                 hint = " (--val-split '' trains without validation)" if flag == '--val-split' else ''
-                raise TrainError(f'data folder {args.data_dir!r} has no {split!r} split folder '
+                raise TrainError(f'data folder {cfg.data_dir!r} has no {split!r} split folder '
                                  f'(looked for {", ".join(_synonyms(split))}); set {flag}{hint}')
 
 
@@ -223,23 +224,23 @@ def _split_folder(root: str, split: str) -> Optional[str]:
     return None
 
 
-def _make(args: Any, name: str, split: str, is_training: bool, image_size: int,
+def _make(cfg: TrainConfig, name: str, split: str, is_training: bool, image_size: int,
           class_map: Any = None) -> Dataset:
     if name == DIGITS:
         return DigitsDataset(split, image_size=image_size)
     from timm.data import create_dataset
     try:
-        ds = create_dataset(name, root=args.data_dir, split=split, is_training=is_training,
-                            class_map=class_map or args.class_map, download=args.dataset_download,
-                            batch_size=args.batch_size, seed=args.seed)
+        ds = create_dataset(name, root=cfg.data_dir, split=split, is_training=is_training,
+                            class_map=class_map or cfg.class_map, download=cfg.dataset_download,
+                            batch_size=cfg.batch_size, seed=cfg.seed)
     except (RuntimeError, FileNotFoundError, AssertionError, ValueError) as e:
         raise TrainError(f'cannot open the {split!r} split of {name or "ImageFolder"} at '
-                         f'{args.data_dir!r}: {e}') from e
+                         f'{cfg.data_dir!r}: {e}') from e
     if not hasattr(ds, '__getitem__') or isinstance(ds, torch.utils.data.IterableDataset):
         raise TrainError(f'--dataset {name!r} is an iterable dataset; this command needs a map-style '
                          'one (ImageFolder, torch/, hfds/) to resume mid-epoch')
     if len(ds) == 0:
-        raise TrainError(f'the {split!r} split of {args.data_dir!r} holds no images')
+        raise TrainError(f'the {split!r} split of {cfg.data_dir!r} holds no images')
     return ds
 
 
@@ -261,7 +262,7 @@ def _class_to_idx(dataset: Dataset) -> Optional[Dict[str, int]]:
     return None
 
 
-def _with_train_labels(args: Any, name: str, train: Dataset, val: Dataset, size: int) -> Dataset:
+def _with_train_labels(cfg: TrainConfig, name: str, train: Dataset, val: Dataset, size: int) -> Dataset:
     """The validation split labelled with the training split's class indices.
 
     An ImageFolder numbers the classes it finds in each split on its own, so a validation folder
@@ -275,12 +276,12 @@ def _with_train_labels(args: Any, name: str, train: Dataset, val: Dataset, size:
     extra = sorted(set(val_map) - set(train_map))
     if extra:
         more = f' and {len(extra) - 10} more' if len(extra) > 10 else ''
-        raise TrainError(f'the {args.val_split!r} split has classes the {args.train_split!r} split lacks: '
+        raise TrainError(f'the {cfg.val_split!r} split has classes the {cfg.train_split!r} split lacks: '
                          f'{", ".join(extra[:10])}{more}')
-    return _make(args, name, args.val_split, False, size, class_map=dict(train_map))
+    return _make(cfg, name, cfg.val_split, False, size, class_map=dict(train_map))
 
 
-def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
+def build_datasets(cfg: TrainConfig, pretrained_cfg: Dict[str, Any]) -> DataBundle:
     """The train / validation datasets for a model's ``pretrained_cfg``.
 
     Training uses timm's transforms. Validation uses the reference's eval pipeline with
@@ -288,43 +289,43 @@ def build_datasets(args: Any, pretrained_cfg: Dict[str, Any]) -> DataBundle:
     config records which (``val_preprocess``, ``val_input_size``, ``val_crop_pct``).
     """
     from timm.data import create_transform, resolve_data_config
-    name = _dataset_name(args)
-    if args.val_img_size and args.val_preprocess != 'reference':
+    name = _dataset_name(cfg)
+    if cfg.val_img_size and cfg.val_preprocess != 'reference':
         raise TrainError('--val-img-size sets the reference validation crop: it needs --val-preprocess '
                          'reference (timm\'s pipeline takes --img-size / --crop-pct)')
-    _check_folder(args, name)
-    cfg = resolve_data_config(
-        {k: getattr(args, k) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
-         if getattr(args, k, None) not in (None, '')}, pretrained_cfg=pretrained_cfg)
-    size = cfg['input_size'][-1]
-    train = _make(args, name, args.train_split, True, size)
-    val = _make(args, name, args.val_split, False, size) if args.val_split else None
+    _check_folder(cfg, name)
+    data_cfg = resolve_data_config(
+        {k: getattr(cfg, k) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
+         if getattr(cfg, k, None) not in (None, '')}, pretrained_cfg=pretrained_cfg)
+    size = data_cfg['input_size'][-1]
+    train = _make(cfg, name, cfg.train_split, True, size)
+    val = _make(cfg, name, cfg.val_split, False, size) if cfg.val_split else None
     if val is not None:
-        val = _with_train_labels(args, name, train, val, size)
+        val = _with_train_labels(cfg, name, train, val, size)
     train.transform = create_transform(
-        cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
-        ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        auto_augment=args.aa, interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    if val is not None and args.val_preprocess == 'reference':
-        s = _reference_val_size(args, cfg, pretrained_cfg)
-        val = FileImageDataset(val, create_eval_transform(img_size=s, mean=cfg['mean'], std=cfg['std']))
-        cfg = dict(cfg, val_preprocess='reference', val_input_size=(3, s, s), val_crop_pct=reference_crop_pct(s))
+        data_cfg['input_size'], is_training=True, no_aug=cfg.no_aug, scale=tuple(cfg.scale),
+        ratio=tuple(cfg.ratio), hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
+        auto_augment=cfg.aa, interpolation=cfg.train_interpolation, mean=data_cfg['mean'], std=data_cfg['std'],
+        re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
+    if val is not None and cfg.val_preprocess == 'reference':
+        s = _reference_val_size(cfg, data_cfg, pretrained_cfg)
+        val = FileImageDataset(val, create_eval_transform(img_size=s, mean=data_cfg['mean'], std=data_cfg['std']))
+        data_cfg = dict(data_cfg, val_preprocess='reference', val_input_size=(3, s, s), val_crop_pct=reference_crop_pct(s))
     elif val is not None:
         val.transform = create_transform(
-            cfg['input_size'], is_training=False, interpolation=cfg['interpolation'], mean=cfg['mean'],
-            std=cfg['std'], crop_pct=cfg['crop_pct'], crop_mode=cfg.get('crop_mode'))
-        cfg = dict(cfg, val_preprocess='timm', val_input_size=tuple(cfg['input_size']),
-                   val_crop_pct=cfg['crop_pct'])
-    return DataBundle(train, val, cfg, name or 'ImageFolder')
+            data_cfg['input_size'], is_training=False, interpolation=data_cfg['interpolation'], mean=data_cfg['mean'],
+            std=data_cfg['std'], crop_pct=data_cfg['crop_pct'], crop_mode=data_cfg.get('crop_mode'))
+        data_cfg = dict(data_cfg, val_preprocess='timm', val_input_size=tuple(data_cfg['input_size']),
+                   val_crop_pct=data_cfg['crop_pct'])
+    return DataBundle(train, val, data_cfg, name or 'ImageFolder')
 
 
-def _reference_val_size(args: Any, cfg: Dict[str, Any], pretrained_cfg: Dict[str, Any]) -> int:
+def _reference_val_size(cfg: TrainConfig, data_cfg: Dict[str, Any], pretrained_cfg: Dict[str, Any]) -> int:
     """The reference validation crop: --val-img-size, else the model's test size when training
     at the model's train size (F0: 192 -> 256, as the paper evaluates), else the training size."""
-    if args.val_img_size:
-        return int(args.val_img_size)
-    train = tuple(cfg['input_size'])
+    if cfg.val_img_size:
+        return int(cfg.val_img_size)
+    train = tuple(data_cfg['input_size'])
     test = pretrained_cfg.get('test_input_size')
     if test and tuple(pretrained_cfg.get('input_size', ())) == train:
         return int(test[-1])
@@ -338,10 +339,10 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def build_loader(dataset: Dataset, sampler: EpochSampler, args: Any, device: torch.device) -> DataLoader:
+def build_loader(dataset: Dataset, sampler: EpochSampler, cfg: TrainConfig, device: torch.device) -> DataLoader:
     """A torch DataLoader over ``SeededDataset(dataset)`` driven by ``sampler``."""
-    workers = max(0, min(args.workers, _cpus()))  # more workers than CPUs only slows down
+    workers = max(0, min(cfg.workers, _cpus()))  # more workers than CPUs only slows down
     return DataLoader(
         SeededDataset(dataset), batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=False,
-        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(args.seed))
+        pin_memory=cfg.pin_mem and device.type == 'cuda', drop_last=False,
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))

@@ -72,7 +72,7 @@ def weights_fingerprint(module: nn.Module) -> str:
 def _to_device(images: torch.Tensor, targets: torch.Tensor, run: Run) -> Tuple[torch.Tensor, torch.Tensor]:
     device = run.dist.device
     images = images.to(device, non_blocking=True)
-    if run.args.channels_last:
+    if run.cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True)
 
@@ -94,7 +94,7 @@ class _Log:
 
 def _progress_bar(run: Run, epoch: int, start: int) -> Any:
     from tqdm.auto import tqdm
-    show = run.args.progress if run.args.progress is not None else sys.stderr.isatty()
+    show = run.cfg.progress if run.cfg.progress is not None else sys.stderr.isatty()
     return tqdm(total=run.steps_per_epoch, initial=start, desc=f'epoch {epoch}/{run.num_epochs - 1}',
                 unit='step', disable=not (show and run.dist.primary), dynamic_ncols=True, leave=True)
 
@@ -121,7 +121,7 @@ def _checkpoint(run: Run, state: Dict[str, Any]) -> Dict[str, Any]:
         'epoch': state['epoch'], 'step': state['step'], 'global_step': state['global_step'],
         'rng': [r['rng'] for r in ranks], 'meters': [r['meters'] for r in ranks],
         'history': list(state['history']), 'best': dict(state['best']),
-        'identity': run.identity, 'args': {k: to_plain(v) for k, v in vars(run.args).items()},
+        'identity': run.identity, 'config': {k: to_plain(v) for k, v in run.cfg.to_dict().items()},
     }
 
 
@@ -137,7 +137,7 @@ def _save(run: Run, state: Dict[str, Any], epoch_end: bool) -> Optional[Path]:
     ckpt_io.copy_atomic(path, d / 'last.pth.tar')
     if state['best'].get('epoch') == state['epoch'] - 1:
         ckpt_io.copy_atomic(path, d / 'model_best.pth.tar')
-    ckpt_io.prune(d, run.args.checkpoint_hist)
+    ckpt_io.prune(d, run.cfg.checkpoint_hist)
     return path
 
 
@@ -179,7 +179,7 @@ def _micro_step(run: Run, images: torch.Tensor, targets: torch.Tensor, last: boo
     sync = run.model.no_sync() if run.dist.distributed and not last else contextlib.nullcontext()
     with sync:
         with run.autocast():
-            loss = run.train_loss(run.model(images), targets) / run.args.grad_accum_steps
+            loss = run.train_loss(run.model(images), targets) / run.cfg.grad_accum_steps
         run.scaler.scale(loss).backward()
     return loss.detach()
 
@@ -198,9 +198,9 @@ def _optimizer_step(run: Run, state: Dict[str, Any]) -> None:
 
 def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, float]:
     """Train from ``state['step']`` to the end of ``state['epoch']``."""
-    args, epoch, accum = run.args, state['epoch'], run.args.grad_accum_steps
+    cfg, epoch, accum = run.cfg, state['epoch'], run.cfg.grad_accum_steps
     run.train_sampler.set_epoch(epoch, state['step'] * accum)
-    if run.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+    if run.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
         run.mixup.mixup_enabled = False
     run.model.train()
     meters, bar = state['meters'], _progress_bar(run, epoch, state['step'])
@@ -220,13 +220,13 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
         meters['steps'] += 1
         state['step'] = step + 1
         bar.update(1)
-        if args.log_interval and (step + 1) % args.log_interval == 0:
+        if cfg.log_interval and (step + 1) % cfg.log_interval == 0:
             _fold(meters, pending, run.optimizer)
             rate = seen * run.dist.world_size / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{_lr(run):.3g}', refresh=False)
             log(f'train: epoch {epoch} [{step + 1:>4}/{run.steps_per_epoch}] loss {float(loss):.4f} '
                 f'lr {_lr(run):.4g} {_clip_text(meters)}{rate:.0f} img/s')
-        if args.recovery_interval and (step + 1) % args.recovery_interval == 0 and step + 1 < run.steps_per_epoch:
+        if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step + 1 < run.steps_per_epoch:
             _fold(meters, pending, run.optimizer)
             _save(run, state, epoch_end=False)
     _fold(meters, pending, run.optimizer)
@@ -281,7 +281,7 @@ def _validate(run: Run) -> Dict[str, Any]:
 
 def _update_best(run: Run, state: Dict[str, Any], row: Dict[str, Any]) -> float:
     """Track the best epoch by ``--eval-metric``; return this epoch's value (the plateau scheduler's metric)."""
-    metric = run.args.eval_metric
+    metric = run.cfg.eval_metric
     key = {'top1': 'eval_top1', 'top5': 'eval_top5', 'loss': 'eval_loss'}[metric]
     if key not in row:
         key, metric = 'train_loss', 'loss'
@@ -312,7 +312,7 @@ def train(run: Run) -> Dict[str, Any]:
         # schedule without warmup at --warmup-lr for good (timm's train.py steps only on resume too)
         if state['epoch'] > 0:
             run.scheduler.step(state['epoch'])
-        if run.args.sched_on_updates and state['global_step'] > 0:
+        if run.cfg.sched_on_updates and state['global_step'] > 0:
             run.scheduler.step_update(state['global_step'])
     while state['epoch'] < run.num_epochs:
         t0 = time.time()
@@ -350,7 +350,7 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     best = run.run_dir / 'model_best.pth.tar'
     data = ckpt_io.load_checkpoint(best if best.is_file() else run.run_dir / 'last.pth.tar')
     weights = data['ema'] if data.get('ema') is not None else data['model']
-    model = timm.create_model(run.args.model, **run.arch_kwargs)
+    model = timm.create_model(run.cfg.model, **run.arch_kwargs)
     model.load_state_dict(weights, strict=True)
     data, size = run.data_config, run.data_config['input_size']
     # the test size and crop are the ones validation used (the reference's S / (S + 32) with it)
@@ -358,7 +358,7 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     model.pretrained_cfg = pretrained_cfg_for_data(
         model, size, test_size, data['crop_pct'], test_crop, mean=data['mean'], std=data['std'],
         interpolation=data['interpolation'], hf_hub_id=None, tag=None, origin_url=None)
-    out = Path(run.args.export) if run.args.export else run.run_dir / 'export'
+    out = Path(run.cfg.export) if run.cfg.export else run.run_dir / 'export'
     save_model_folder(model, out, metadata={'trained_with': 'timm-nfnet-train'})
     # timm's own pretrained path: the architecture and its arguments come from config.json
     reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
@@ -366,7 +366,7 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     if run.val_loader is not None:
         single = _single_process(run)
         loader = build_loader(run.val_loader.dataset.dataset, EpochSampler(
-            len(run.val_loader.dataset), run.val_loader.batch_size, shuffle=False), run.args, run.dist.device)
+            len(run.val_loader.dataset), run.val_loader.batch_size, shuffle=False), run.cfg, run.dist.device)
         result.update(evaluate(reloaded.to(run.dist.device), loader, single))
     return result
 
@@ -379,10 +379,10 @@ def _single_process(run: Run) -> Run:
 
 # --- command ---------------------------------------------------------------------------------
 def _announce(run: Run, sources: Dict[str, str], notes: Sequence[str]) -> None:
-    settings = dict(vars(run.args))
+    settings = run.cfg.to_dict()
     text = format_settings(settings, sources, run.derived)
     ckpt_io.write_text_atomic(settings_yaml(settings, sources, run.derived), run.run_dir / 'args.yaml')
-    print(f'timm-nfnet-train: {run.args.model} on {run.derived["dataset"]}, run folder {run.run_dir}')
+    print(f'timm-nfnet-train: {run.cfg.model} on {run.derived["dataset"]}, run folder {run.run_dir}')
     print(text)
     for note in notes:
         print(f'note: {note}')
@@ -412,9 +412,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``timm-nfnet-train`` / ``python -m timm_nfnet_ext.train``."""
     run = None
     try:
-        args, sources, notes = resolve_settings(argv)
-        info = init_distributed(args.device)
-        run = prepare(args, info)
+        cfg, sources, notes = resolve_settings(argv)
+        info = init_distributed(cfg.device)
+        run = prepare(cfg, info)
         if info.primary:
             _announce(run, sources, notes + run.notes)
             ckpt_io.remove_stale_temps(run.run_dir)
@@ -430,7 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     _finish(run, state)
     _shutdown()  # before the export: other ranks must not wait on it past the collective timeout
-    if run.args.export is not None and run.dist.primary:
+    if run.cfg.export is not None and run.dist.primary:
         result = export_and_reload(run)
         if 'top1' in result:
             print(f'exported {result["export_dir"]}/model.safetensors + config.json; reloaded through timm: '

@@ -24,6 +24,7 @@ from ..variants import REFERENCE_PADDING
 from ..weights.convert import missing_folders, remove_empty_folders
 from . import checkpoint as ckpt_io
 from .data import EpochSampler, build_datasets, build_loader, num_classes_of
+from .config import TrainConfig
 from .recipe import TrainError
 
 __all__ = ['DistInfo', 'Run', 'init_distributed', 'prepare', 'PaperEma', 'resolve_optimizer']
@@ -74,41 +75,41 @@ class PaperEma:
         return min(self.decay, (1.0 + t) / (10.0 + t))
 
 
-def _make_ema(model: nn.Module, args: Any) -> Optional[nn.Module]:
-    if not args.model_ema:
+def _make_ema(model: nn.Module, cfg: TrainConfig) -> Optional[nn.Module]:
+    if not cfg.model_ema:
         return None
     from timm.utils import ModelEmaV3
-    if args.model_ema_warmup == 'paper':
+    if cfg.model_ema_warmup == 'paper':
         cls = type('PaperModelEma', (PaperEma, ModelEmaV3), {})
-        return cls(model, decay=args.model_ema_decay)
-    return ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup == 'timm')
+        return cls(model, decay=cfg.model_ema_decay)
+    return ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup == 'timm')
 
 
 # --- optimizer -------------------------------------------------------------------------------
-def resolve_optimizer(args: Any) -> Tuple[str, Optional[float], Dict[str, Any]]:
+def resolve_optimizer(cfg: TrainConfig) -> Tuple[str, Optional[float], Dict[str, Any]]:
     """(timm optimizer name, AGC clipping or None, extra keywords) for ``--opt``/``--agc``."""
     from timm.optim import get_optimizer_info, list_optimizers
     from .. import agc
-    name = args.opt.lower()
+    name = cfg.opt.lower()
     base = name.split('_')[-1]
     known = set(list_optimizers())
     if base not in known:
-        raise TrainError(f'unknown optimizer {args.opt!r}; try sgd, momentum, adamw, lamb, sgdagc, adamwagc, '
+        raise TrainError(f'unknown optimizer {cfg.opt!r}; try sgd, momentum, adamw, lamb, sgdagc, adamwagc, '
                          'lambagc (timm.optim.list_optimizers() lists them all)')
     cls = get_optimizer_info(base).opt_class
     is_agc = isinstance(cls, type) and issubclass(cls, agc.AGCMixin)
-    kwargs = dict(args.opt_kwargs)
-    if args.agc is None:
+    kwargs = dict(cfg.opt_kwargs)
+    if cfg.agc is None:
         if is_agc:
-            kwargs.setdefault('agc_eps', args.agc_eps)
+            kwargs.setdefault('agc_eps', cfg.agc_eps)
         return name, kwargs.get('clipping', 0.01) if is_agc else None, kwargs
-    if not args.agc > 0:
-        raise TrainError(f'--agc must be a clipping ratio > 0 (the paper uses 0.01), got {args.agc}')
-    if 'clipping' in kwargs and kwargs['clipping'] != args.agc:
-        raise TrainError(f"--agc {args.agc} and --opt-kwargs clipping={kwargs['clipping']} disagree")
+    if not cfg.agc > 0:
+        raise TrainError(f'--agc must be a clipping ratio > 0 (the paper uses 0.01), got {cfg.agc}')
+    if 'clipping' in kwargs and kwargs['clipping'] != cfg.agc:
+        raise TrainError(f"--agc {cfg.agc} and --opt-kwargs clipping={kwargs['clipping']} disagree")
     if not is_agc:
         if name != base:
-            raise TrainError(f'--agc wraps a plain optimizer name, not {args.opt!r}')
+            raise TrainError(f'--agc wraps a plain optimizer name, not {cfg.opt!r}')
         name = 'sgdagc' if base in ('sgd', 'nesterov') else f'{base}agc'
         if name not in known:
             try:
@@ -116,23 +117,23 @@ def resolve_optimizer(args: Any) -> Tuple[str, Optional[float], Dict[str, Any]]:
             except (TypeError, ValueError, RuntimeError, AssertionError, ImportError) as e:
                 # timm asserts for optimizers this device or install lacks (APEX's fused* need CUDA)
                 raise TrainError(f'cannot add AGC to optimizer {base!r}: {e}') from e
-    kwargs.update(clipping=args.agc, agc_eps=args.agc_eps)
-    return name, args.agc, kwargs
+    kwargs.update(clipping=cfg.agc, agc_eps=cfg.agc_eps)
+    return name, cfg.agc, kwargs
 
 
-def build_optimizer(model: nn.Module, args: Any, name: str, clipping: Optional[float],
+def build_optimizer(model: nn.Module, cfg: TrainConfig, name: str, clipping: Optional[float],
                     kwargs: Dict[str, Any]) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2``; AGC optimizers get the paper's parameter groups."""
     from timm.optim import create_optimizer_v2
     from ..agc import agc_param_groups
     extra = dict(kwargs)
-    if args.opt_eps is not None:
-        extra['eps'] = args.opt_eps
-    if args.opt_betas is not None:
-        extra['betas'] = tuple(args.opt_betas)
+    if cfg.opt_eps is not None:
+        extra['eps'] = cfg.opt_eps
+    if cfg.opt_betas is not None:
+        extra['betas'] = tuple(cfg.opt_betas)
     try:
         return create_optimizer_v2(
-            model, opt=name, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+            model, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
             param_group_fn=agc_param_groups if clipping is not None else None, **extra)
     except (TypeError, ValueError, AssertionError, ImportError, RuntimeError) as e:
         # timm asserts on optimizers this device or install lacks (fused*/bnb*: CUDA, bitsandbytes)
@@ -140,22 +141,22 @@ def build_optimizer(model: nn.Module, args: Any, name: str, clipping: Optional[f
 
 
 # --- output folder ---------------------------------------------------------------------------
-def resolve_run_dir(args: Any, info: DistInfo) -> Tuple[Path, List[Path]]:
+def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> Tuple[Path, List[Path]]:
     """The folder of checkpoints and logs (created; must be writable; rank 0 names it), and the
     folders this call created, deepest first."""
-    if args.output:
-        run_dir = Path(args.output)
-    elif args.resume and args.resume != 'auto':
-        run_dir = Path(args.resume).parent
-    elif args.resume == 'auto':
+    if cfg.output:
+        run_dir = Path(cfg.output)
+    elif cfg.resume and cfg.resume != 'auto':
+        run_dir = Path(cfg.resume).parent
+    elif cfg.resume == 'auto':
         raise TrainError('--resume auto needs --output: the run folder to continue')
     else:
         stamp = [datetime.datetime.now().strftime('%Y%m%d-%H%M%S')]
         if info.distributed:
             dist.broadcast_object_list(stamp, src=0)
-        run_dir = Path('output') / 'train' / f'{stamp[0]}-{args.model}'
-    if args.experiment:
-        run_dir = run_dir / args.experiment
+        run_dir = Path('output') / 'train' / f'{stamp[0]}-{cfg.model}'
+    if cfg.experiment:
+        run_dir = run_dir / cfg.experiment
     created = missing_folders(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +172,7 @@ def resolve_run_dir(args: Any, info: DistInfo) -> Tuple[Path, List[Path]]:
 @dataclass
 class Run:
     """What the loop needs."""
-    args: Any
+    cfg: TrainConfig
     dist: DistInfo
     run_dir: Path
     model: nn.Module            # DDP-wrapped when distributed
@@ -199,57 +200,57 @@ class Run:
     notes: List[str] = field(default_factory=list)
 
 
-def _check_numbers(args: Any, dist_info: DistInfo) -> None:
+def _check_numbers(cfg: TrainConfig, dist_info: DistInfo) -> None:
     checks = [
-        (args.batch_size >= 1, f'--batch-size must be >= 1, got {args.batch_size}'),
-        (args.epochs >= 1, f'--epochs must be >= 1, got {args.epochs}'),
-        (args.grad_accum_steps >= 1, f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}'),
-        (not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax) or args.batch_size % 2 == 0,
-         f'--mixup/--cutmix/--cutmix-minmax need an even --batch-size, got {args.batch_size}'),
-        (args.recovery_interval >= 0, '--recovery-interval must be >= 0'),
-        (0 <= args.seed < 2 ** 31, f'--seed must be in [0, 2**31), got {args.seed}'),  # numpy's seed range, with room for ranks
-        (args.amp_dtype != 'float16' or not args.amp or dist_info.device.type == 'cuda',
+        (cfg.batch_size >= 1, f'--batch-size must be >= 1, got {cfg.batch_size}'),
+        (cfg.epochs >= 1, f'--epochs must be >= 1, got {cfg.epochs}'),
+        (cfg.grad_accum_steps >= 1, f'--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}'),
+        (not (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax) or cfg.batch_size % 2 == 0,
+         f'--mixup/--cutmix/--cutmix-minmax need an even --batch-size, got {cfg.batch_size}'),
+        (cfg.recovery_interval >= 0, '--recovery-interval must be >= 0'),
+        (0 <= cfg.seed < 2 ** 31, f'--seed must be in [0, 2**31), got {cfg.seed}'),  # numpy's seed range, with room for ranks
+        (cfg.amp_dtype != 'float16' or not cfg.amp or dist_info.device.type == 'cuda',
          '--amp with float16 needs CUDA; on CPU use --amp-dtype bfloat16'),
-        (not args.warmup_prefix or args.warmup_epochs < args.epochs,
-         f'--warmup-prefix with {args.warmup_epochs} warmup epochs leaves nothing of {args.epochs} epochs'),
+        (not cfg.warmup_prefix or cfg.warmup_epochs < cfg.epochs,
+         f'--warmup-prefix with {cfg.warmup_epochs} warmup epochs leaves nothing of {cfg.epochs} epochs'),
     ]
     for ok, message in checks:
         if not ok:
             raise TrainError(message)
 
 
-def _create_model(args: Any, num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+def _create_model(cfg: TrainConfig, num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
     import timm
-    arch = dict(args.model_kwargs, num_classes=num_classes)
+    arch = dict(cfg.model_kwargs, num_classes=num_classes)
     kw = dict(arch)
-    if args.drop is not None:
-        kw['drop_rate'] = args.drop
-    if args.drop_path is not None:
-        kw['drop_path_rate'] = args.drop_path
-    if args.pretrained_path:
-        kw['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
+    if cfg.drop is not None:
+        kw['drop_rate'] = cfg.drop
+    if cfg.drop_path is not None:
+        kw['drop_path_rate'] = cfg.drop_path
+    if cfg.pretrained_path:
+        kw['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_path)
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained or bool(args.pretrained_path), **kw)
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained or bool(cfg.pretrained_path), **kw)
     except (TypeError, ValueError, RuntimeError, OSError) as e:
-        raise TrainError(f'cannot create model {args.model!r} with {kw}: {e}') from e
+        raise TrainError(f'cannot create model {cfg.model!r} with {kw}: {e}') from e
     return model, arch
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, args: Any, steps_per_epoch: int,
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
                has_val: bool) -> Tuple[Any, int]:
     from timm.scheduler import create_scheduler_v2
-    epochs = args.epochs - (args.warmup_epochs if args.warmup_prefix else 0)
+    epochs = cfg.epochs - (cfg.warmup_epochs if cfg.warmup_prefix else 0)
     try:
         sched, total = create_scheduler_v2(
-            optimizer, sched=args.sched, num_epochs=epochs, decay_epochs=args.decay_epochs,
-            decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs,
-            decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-            warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
-            step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch,
+            optimizer, sched=cfg.sched, num_epochs=epochs, decay_epochs=cfg.decay_epochs,
+            decay_milestones=cfg.decay_milestones, cooldown_epochs=cfg.cooldown_epochs,
+            decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+            warmup_epochs=cfg.warmup_epochs, warmup_prefix=cfg.warmup_prefix,
+            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=steps_per_epoch,
             # the plateau metric is --eval-metric, or the training loss without a validation split
-            plateau_mode='min' if args.eval_metric == 'loss' or not has_val else 'max')
+            plateau_mode='min' if cfg.eval_metric == 'loss' or not has_val else 'max')
     except (ValueError, AssertionError, TypeError) as e:
-        raise TrainError(f'cannot create scheduler {args.sched!r}: {e}') from e
+        raise TrainError(f'cannot create scheduler {cfg.sched!r}: {e}') from e
     return sched, total
 
 
@@ -257,32 +258,32 @@ _SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'min_lr', 'warmup_lr', 'epo
                   'warmup_prefix', 'cooldown_epochs', 'decay_epochs', 'decay_milestones', 'decay_rate')
 
 
-def _loss(args: Any, mixup_on: bool) -> nn.Module:
+def _loss(cfg: TrainConfig, mixup_on: bool) -> nn.Module:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     if mixup_on:
         return SoftTargetCrossEntropy()
-    if args.smoothing:
-        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    if cfg.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     return nn.CrossEntropyLoss()
 
 
-def _mixup(args: Any, num_classes: int) -> Any:
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax):
+def _mixup(cfg: TrainConfig, num_classes: int) -> Any:
+    if not (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax):
         return None
     from timm.data import Mixup
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=num_classes)
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                 prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=num_classes)
 
 
-def _resume_source(args: Any, run_dir: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+def _resume_source(cfg: TrainConfig, run_dir: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """Read (and check) the checkpoint to continue, or refuse to overwrite another run's files."""
     existing = ckpt_io.list_checkpoints(run_dir)
-    if args.resume == 'auto':
+    if cfg.resume == 'auto':
         found = ckpt_io.find_latest(run_dir)
         return (found[0], found[1]) if found else (None, None)
-    if args.resume:
-        path = Path(args.resume)
+    if cfg.resume:
+        path = Path(cfg.resume)
         data = ckpt_io.load_checkpoint(path)
         foreign = [p for p in existing if p.resolve().parent != path.resolve().parent]
         if foreign:
@@ -332,96 +333,96 @@ def _as_list(v: Any) -> Any:
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def prepare(args: Any, dist_info: DistInfo) -> Run:
+def prepare(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     """Check everything and build the run; ``TrainError`` names the first problem found."""
     import timm
     from .. import agc  # noqa: F401  (registers sgdagc / adamwagc / lambagc)
     from .. import models  # noqa: F401  (registers the models)
-    for module in args.device_modules:
+    for module in cfg.device_modules:
         try:
             importlib.import_module(module)
         except ImportError as e:
             raise TrainError(f'--device-modules: cannot import {module!r}: {e}') from e
-    if not timm.is_model(args.model):
-        raise TrainError(f'unknown model {args.model!r}; NFNets: nfnet_f0..f7, nfnet_f0_plus..f7_plus, '
+    if not timm.is_model(cfg.model):
+        raise TrainError(f'unknown model {cfg.model!r}; NFNets: nfnet_f0..f7, nfnet_f0_plus..f7_plus, '
                          'nf_seresnextd_f0..f3, nf_seresnext50d, nf_seresnext101d (or any timm.list_models() name)')
-    opt_name, clipping, opt_kwargs = resolve_optimizer(args)
-    _check_numbers(args, dist_info)
-    run_dir, created = resolve_run_dir(args, dist_info)
+    opt_name, clipping, opt_kwargs = resolve_optimizer(cfg)
+    _check_numbers(cfg, dist_info)
+    run_dir, created = resolve_run_dir(cfg, dist_info)
     try:
-        return _build_run(args, dist_info, run_dir, opt_name, clipping, opt_kwargs)
+        return _build_run(cfg, dist_info, run_dir, opt_name, clipping, opt_kwargs)
     except BaseException:
         remove_empty_folders(created)  # a start that fails leaves no empty run folder behind
         raise
 
 
-def _build_run(args: Any, dist_info: DistInfo, run_dir: Path, opt_name: str, clipping: Optional[float],
+def _build_run(cfg: TrainConfig, dist_info: DistInfo, run_dir: Path, opt_name: str, clipping: Optional[float],
                opt_kwargs: Dict[str, Any]) -> Run:
     """Datasets, model, optimizer, schedule, loaders and the resumed states, in ``run_dir``."""
-    resume_path, resume = _resume_source(args, run_dir)
-    notes = [f'--resume auto: no checkpoint in {run_dir}, starting a new run'] if args.resume == 'auto' and not resume else []
+    resume_path, resume = _resume_source(cfg, run_dir)
+    notes = [f'--resume auto: no checkpoint in {run_dir}, starting a new run'] if cfg.resume == 'auto' and not resume else []
 
-    random_seed(args.seed)
-    data = build_datasets(args, _default_cfg(args.model))
-    num_classes = args.num_classes or num_classes_of(data.train)
+    random_seed(cfg.seed)
+    data = build_datasets(cfg, _default_cfg(cfg.model))
+    num_classes = cfg.num_classes or num_classes_of(data.train)
     if not num_classes:
         raise TrainError('cannot tell the number of classes of this dataset; pass --num-classes')
     data_classes = num_classes_of(data.train)
     if data_classes and num_classes < data_classes:
         raise TrainError(f'--num-classes {num_classes} is fewer than the {data_classes} classes of the dataset')
-    model, arch = _create_model(args, num_classes)
+    model, arch = _create_model(cfg, num_classes)
     device = dist_info.device
     model.to(device)
-    if args.channels_last:
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.grad_checkpointing:
+    if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    ema = _make_ema(model, args)
+    ema = _make_ema(model, cfg)
 
-    world, accum = dist_info.world_size, args.grad_accum_steps
-    sampler = EpochSampler(len(data.train), args.batch_size, rank=dist_info.rank, world_size=world,
-                           seed=args.seed, accum_steps=accum)
+    world, accum = dist_info.world_size, cfg.grad_accum_steps
+    sampler = EpochSampler(len(data.train), cfg.batch_size, rank=dist_info.rank, world_size=world,
+                           seed=cfg.seed, accum_steps=accum)
     steps = sampler.micro_batches // accum
     if steps < 1:
         raise TrainError(f'{len(data.train)} training images cannot fill one step of global batch '
-                         f'{args.batch_size * world * accum}; lower --batch-size or --grad-accum-steps')
-    global_batch = args.batch_size * world * accum
-    if args.lr is None:
-        args.lr = _lr_from_base(args, global_batch)
-    optimizer = build_optimizer(model, args, opt_name, clipping, opt_kwargs)
-    scheduler, num_epochs = _scheduler(optimizer, args, steps, has_val=data.val is not None)
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+                         f'{cfg.batch_size * world * accum}; lower --batch-size or --grad-accum-steps')
+    global_batch = cfg.batch_size * world * accum
+    if cfg.lr is None:
+        cfg.lr = _lr_from_base(cfg, global_batch)
+    optimizer = build_optimizer(model, cfg, opt_name, clipping, opt_kwargs)
+    scheduler, num_epochs = _scheduler(optimizer, cfg, steps, has_val=data.val is not None)
+    amp_dtype = torch.bfloat16 if cfg.amp_dtype == 'bfloat16' else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype == torch.float16)
 
     def autocast() -> Any:
-        return torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype) if cfg.amp else nullcontext()
 
-    mixup = _mixup(args, num_classes)
+    mixup = _mixup(cfg, num_classes)
     val_loader = None
     if data.val is not None:
-        val_sampler = EpochSampler(len(data.val), args.validation_batch_size or args.batch_size,
+        val_sampler = EpochSampler(len(data.val), cfg.validation_batch_size or cfg.batch_size,
                                    rank=dist_info.rank, world_size=world, shuffle=False)
-        val_loader = build_loader(data.val, val_sampler, args, device)
-    identity = dict(model=args.model, model_args=arch, num_classes=num_classes, opt=opt_name, agc=clipping,
-                    model_ema=bool(args.model_ema), global_batch=global_batch, world_size=world)
+        val_loader = build_loader(data.val, val_sampler, cfg, device)
+    identity = dict(model=cfg.model, model_args=arch, num_classes=num_classes, opt=opt_name, agc=clipping,
+                    model_ema=bool(cfg.model_ema), global_batch=global_batch, world_size=world)
     derived = dict(run_dir=str(run_dir), device=str(device), world_size=world, global_batch=global_batch,
-                   lr=args.lr, optimizer=f'{type(optimizer).__name__} ({opt_name})', agc_clipping=clipping,
+                   lr=cfg.lr, optimizer=f'{type(optimizer).__name__} ({opt_name})', agc_clipping=clipping,
                    param_groups=_describe_groups(optimizer), num_classes=num_classes,
                    input_size=list(data.data_config['input_size']), dataset=data.name,
                    train_images=len(data.train), val_images=len(data.val) if data.val is not None else 0,
                    validation=_describe_validation(data.data_config) if data.val is not None else 'none',
                    steps_per_epoch=steps, total_epochs=num_epochs)
-    run = Run(args=args, dist=dist_info, run_dir=run_dir, model=model, module=model, ema=ema,
+    run = Run(cfg=cfg, dist=dist_info, run_dir=run_dir, model=model, module=model, ema=ema,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast, mixup=mixup,
-              train_loss=_loss(args, mixup is not None), train_loader=build_loader(data.train, sampler, args, device),
+              train_loss=_loss(cfg, mixup is not None), train_loader=build_loader(data.train, sampler, cfg, device),
               train_sampler=sampler, val_loader=val_loader, steps_per_epoch=steps, num_epochs=num_epochs,
               num_classes=num_classes, identity=identity, data_config=data.data_config, derived=derived,
               arch_kwargs=arch, resume=resume, resume_path=resume_path, notes=notes,
-              schedule={k: getattr(args, k) for k in _SCHEDULE_KEYS} | {'steps_per_epoch': steps})
+              schedule={k: getattr(cfg, k) for k in _SCHEDULE_KEYS} | {'steps_per_epoch': steps})
     if resume is not None:
         ckpt_io.check_compatible(resume, identity, str(resume_path))
         _load_states(run, resume, resume_path)
-    random_seed(args.seed, dist_info.rank)
+    random_seed(cfg.seed, dist_info.rank)
     if dist_info.distributed:
         from torch.nn.parallel import DistributedDataParallel
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -444,11 +445,11 @@ def _default_cfg(model_name: str) -> Dict[str, Any]:
     return cfg.to_dict() if cfg is not None else {}
 
 
-def _lr_from_base(args: Any, global_batch: int) -> float:
+def _lr_from_base(cfg: TrainConfig, global_batch: int) -> float:
     """timm's rule: ``lr_base * (global_batch / lr_base_size)`` (square root for ada*/lamb)."""
-    ratio = global_batch / args.lr_base_size
-    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
-    return args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+    ratio = global_batch / cfg.lr_base_size
+    scale = cfg.lr_base_scale or ('sqrt' if any(o in cfg.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    return cfg.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
 
 
 def _describe_groups(optimizer: torch.optim.Optimizer) -> List[str]:
