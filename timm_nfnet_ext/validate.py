@@ -31,6 +31,7 @@ from timm.utils import AverageMeter, accuracy
 
 from .data import FileImageDataset, ImageDecodeError, create_eval_transform
 from .files import atomic_path
+from .logs import command_output
 from .train.recipe import KwargsAction
 from .variants import reference_crop_pct
 from .weights.checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint_file
@@ -204,10 +205,9 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     params = sum(p.numel() for p in model.parameters())
-    print(f'Validating {args.model} ({params / 1e6:.2f}M params) on {len(dataset)} images, '
-          f'{args.preprocess} preprocessing: {transform!r}\n'
-          f'data config: {data_cfg}\nmodel cfg: {dict(getattr(model, "pretrained_cfg", {}) or {})}',
-          flush=True)
+    _logger.info(f'Validating {args.model} ({params / 1e6:.2f}M params) on {len(dataset)} images, '
+                 f'{args.preprocess} preprocessing: {transform!r}\n'
+                 f'data config: {data_cfg}\nmodel cfg: {dict(getattr(model, "pretrained_cfg", {}) or {})}')
 
     losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
     skipped: List[str] = []
@@ -250,8 +250,8 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
             top5.update(acc5.item(), n)
             seen += n
             if bar is None and args.log_freq > 0 and (i % args.log_freq == 0):
-                print(f'Test: [{seen:>6d}/{len(dataset)}]  Loss: {losses.avg:.4f}  '
-                      f'Acc@1: {top1.avg:.3f}  Acc@{k5}: {top5.avg:.3f}', flush=True)
+                _logger.info(f'Test: [{seen:>6d}/{len(dataset)}]  Loss: {losses.avg:.4f}  '
+                             f'Acc@1: {top1.avg:.3f}  Acc@{k5}: {top5.avg:.3f}')
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -282,11 +282,11 @@ def write_results(results: Dict[str, Any], path: str, fmt: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``timm-nfnet-validate``; returns the exit code (0, or 1 on an error)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
     if args.batch_size < 1:
         build_parser().error('--batch-size must be >= 1')
     try:
-        results = validate(args)
+        with command_output():
+            results = validate(args)
     except (ValidateError, ImageDecodeError) as e:
         print(f'timm-nfnet-validate: error: {e}', file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..logs import command_output
 from . import checkpoint as ckpt_io
 from .data import EpochSampler, build_loader
 from .recipe import TrainError, resolve_settings
@@ -30,6 +32,8 @@ from .report import format_settings, settings_yaml, to_plain, write_plot, write_
 from .setup import DistInfo, Run, init_distributed, prepare
 
 __all__ = ['main', 'train', 'evaluate', 'weights_fingerprint']
+
+_logger = logging.getLogger(__name__)
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -78,7 +82,7 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, run: Run) -> Tuple[t
 
 
 class _Log:
-    """Prints on the primary process only; through the progress bar when one is shown."""
+    """Logs on the primary process only; through the progress bar when one is shown."""
 
     def __init__(self, primary: bool):
         self.primary, self.bar = primary, None
@@ -89,7 +93,7 @@ class _Log:
         if self.bar is not None and not self.bar.disable:
             self.bar.write(msg)
         else:
-            print(msg, flush=True)
+            _logger.info(msg)
 
 
 def _progress_bar(run: Run, epoch: int, start: int) -> Any:
@@ -151,7 +155,7 @@ def _restore(run: Run) -> Dict[str, Any]:
     # changed at an epoch boundary changes it, and the schedule must still end at --epochs
     global_step = data['epoch'] * run.steps_per_epoch + data['step']
     if global_step != data['global_step'] and run.dist.primary:
-        print(f'note: {run.steps_per_epoch} steps per epoch now: the schedule continues from update '
+        _logger.info(f'note: {run.steps_per_epoch} steps per epoch now: the schedule continues from update '
               f'{global_step} (the checkpoint counted {data["global_step"]})')
     state.update(epoch=data['epoch'], step=data['step'], global_step=global_step,
                  history=list(data['history']), best=dict(data.get('best') or {}))
@@ -161,7 +165,7 @@ def _restore(run: Run) -> Dict[str, Any]:
         if data['step']:
             state['meters'] = dict(data['meters'][run.dist.rank])
     elif run.dist.primary:
-        print(f'note: checkpoint from {len(data["rng"])} processes resumed on {run.dist.world_size}: '
+        _logger.info(f'note: checkpoint from {len(data["rng"])} processes resumed on {run.dist.world_size}: '
               'random states are re-seeded, the run will not repeat the original bit for bit')
     return state
 
@@ -382,11 +386,11 @@ def _announce(run: Run, sources: Dict[str, str], notes: Sequence[str]) -> None:
     settings = run.cfg.to_dict()
     text = format_settings(settings, sources, run.derived)
     ckpt_io.write_text_atomic(settings_yaml(settings, sources, run.derived), run.run_dir / 'args.yaml')
-    print(f'timm-nfnet-train: {run.cfg.model} on {run.derived["dataset"]}, run folder {run.run_dir}')
-    print(text)
+    _logger.info(f'timm-nfnet-train: {run.cfg.model} on {run.derived["dataset"]}, run folder {run.run_dir}')
+    _logger.info(text)
     for note in notes:
-        print(f'note: {note}')
-    print(f'resolved settings saved to {run.run_dir / "args.yaml"}', flush=True)
+        _logger.info(f'note: {note}')
+    _logger.info(f'resolved settings saved to {run.run_dir / "args.yaml"}')
 
 
 def _finish(run: Run, state: Dict[str, Any]) -> None:
@@ -395,21 +399,26 @@ def _finish(run: Run, state: Dict[str, Any]) -> None:
         if run.dist.primary:
             same = len(set(prints)) == 1
             for rank, fp in enumerate(prints):
-                print(f'rank {rank} weights sha256 {fp}')
-            print(f'DDP check: weights {"identical" if same else "DIFFERENT"} on all {len(prints)} ranks')
+                _logger.info(f'rank {rank} weights sha256 {fp}')
+            _logger.info(f'DDP check: weights {"identical" if same else "DIFFERENT"} on all {len(prints)} ranks')
     if not run.dist.primary:
         return
     best = state['best']
     where = run.run_dir / ('model_best.pth.tar' if (run.run_dir / 'model_best.pth.tar').is_file() else 'last.pth.tar')
     if best.get('metric') == 'eval_top1':
-        print(f'best top-1 {best["value"]:.2f}% at epoch {best["epoch"]}; checkpoint {where}')
+        _logger.info(f'best top-1 {best["value"]:.2f}% at epoch {best["epoch"]}; checkpoint {where}')
     else:
-        print(f'best {best.get("metric")} {best.get("value", float("nan")):.4f} at epoch {best.get("epoch")}; '
+        _logger.info(f'best {best.get("metric")} {best.get("value", float("nan")):.4f} at epoch {best.get("epoch")}; '
               f'checkpoint {where}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``timm-nfnet-train`` / ``python -m timm_nfnet_ext.train``."""
+    with command_output():
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     run = None
     try:
         cfg, sources, notes = resolve_settings(argv)
@@ -433,10 +442,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if run.cfg.export is not None and run.dist.primary:
         result = export_and_reload(run)
         if 'top1' in result:
-            print(f'exported {result["export_dir"]}/model.safetensors + config.json; reloaded through timm: '
+            _logger.info(f'exported {result["export_dir"]}/model.safetensors + config.json; reloaded through timm: '
                   f'validation top-1 {result["top1"]:.2f}%, top-5 {result["top5"]:.2f}%')
         else:
-            print(f'exported {result["export_dir"]}/model.safetensors + config.json')
+            _logger.info(f'exported {result["export_dir"]}/model.safetensors + config.json')
     return 0
 
 
