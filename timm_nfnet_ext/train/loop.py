@@ -156,7 +156,7 @@ def _restore(run: Run) -> Dict[str, Any]:
     global_step = data['epoch'] * run.steps_per_epoch + data['step']
     if global_step != data['global_step'] and run.dist.primary:
         _logger.info(f'note: {run.steps_per_epoch} steps per epoch now: the schedule continues from update '
-              f'{global_step} (the checkpoint counted {data["global_step"]})')
+                     f'{global_step} (the checkpoint counted {data["global_step"]})')
     state.update(epoch=data['epoch'], step=data['step'], global_step=global_step,
                  history=list(data['history']), best=dict(data.get('best') or {}))
     same_world = len(data['rng']) == run.dist.world_size
@@ -409,7 +409,7 @@ def _finish(run: Run, state: Dict[str, Any]) -> None:
         _logger.info(f'best top-1 {best["value"]:.2f}% at epoch {best["epoch"]}; checkpoint {where}')
     else:
         _logger.info(f'best {best.get("metric")} {best.get("value", float("nan")):.4f} at epoch {best.get("epoch")}; '
-              f'checkpoint {where}')
+                     f'checkpoint {where}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
