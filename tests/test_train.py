@@ -131,14 +131,18 @@ def test_paper_recipe_builds_the_paper_optimizer_schedule_and_ema(digits_dir, tm
     assert math.isclose(sched._get_lr(7 * steps + steps // 2)[0], lr * 0.5, rel_tol=0.05)
     assert sched._get_lr(10 * steps)[0] < 1e-9
     assert [run.ema.get_decay(t) for t in (1, 2, 10 ** 7)] == [0.1, 2 / 11, 0.99999]
-    assert run.mixup.mixup_alpha == 0.2 and run.mixup.cutmix_alpha == 1.0
+    # DeepMind's input pipeline: 2B decoded images per batch of B, mixed and RandAugmented in the collate
+    from timm_nfnet_ext.data.train_transforms import ReferenceTrainBatch, ReferenceTrainDataset
+    collate = run.train_loader.collate_fn
+    assert run.mixup is None and isinstance(collate, ReferenceTrainBatch)
+    assert isinstance(run.train_loader.dataset, ReferenceTrainDataset) and run.train_loader.batch_size == 20
+    assert collate.mixup_alpha == 0.2 and collate.label_smoothing == 0.1 and collate.randaugment.magnitude == 5
     with run.autocast():
         assert torch.get_autocast_dtype('cpu') == torch.bfloat16 and torch.is_autocast_enabled('cpu')
     last_block = run.module.stages[-1][-1]
     assert last_block.drop_path.rate == pytest.approx(0.25 * 3 / 4)
     assert run.module.head.drop.p == 0.2
-    ra = [t for t in run.train_loader.dataset.dataset.transform.transforms if type(t).__name__ == 'RandAugment']
-    assert len(ra) == 1 and ra[0].num_layers == 4 and ra[0].ops[0].magnitude == 5
+    assert type(run.train_loss).__name__ == 'SoftTargetCrossEntropy'
     # validation follows the paper's protocol: the reference eval pipeline, from the files
     from timm_nfnet_ext.data import FileImageDataset, ReferenceEvalTransform, create_eval_transform
     val = run.val_loader.dataset.dataset

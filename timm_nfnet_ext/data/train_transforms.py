@@ -215,8 +215,10 @@ class ReferenceTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
-        seed = sample_seed(self.seed, self.epoch, int(index))
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int, int]:
+        """Sample ``key``: an index (its seed from ``(seed, epoch, index)``), or an ``(index, seed)``
+        pair from a sampler that seeds its samples itself (``timm-nfnet-train``'s ``EpochSampler``)."""
+        index, seed = key if isinstance(key, tuple) else (key, sample_seed(self.seed, self.epoch, int(key)))
         image, target = self.files[index]
         return self.transform(image, np.random.default_rng(seed)), target, seed
 

@@ -156,6 +156,13 @@ class TrainConfig:
     decay_rate: float = flag(0.1, '--decay-rate', help='step/multistep decay factor')
 
     # --- augmentation and regularisation
+    data_pipeline: str = flag('timm', '--data-pipeline', choices=('reference', 'timm'),
+        help=("training input pipeline: 'reference' (DeepMind's: distorted-box crop, flip, TF bicubic, "
+              "2B->B MixUp/CutMix with --mixup's alpha and --smoothing, then RandAugment of "
+              "--randaug-magnitude; the paper recipe's) or 'timm' (create_transform and Mixup with the "
+              'flags below)'))
+    randaug_magnitude: Optional[int] = flag(None, '--randaug-magnitude', metavar='M',
+        help="RandAugment magnitude of the reference pipeline (default: the variant's, 5/10/15)")
     no_aug: bool = flag(False, '--no-aug', action='store_true', help='no training augmentation')
     scale: List[float] = flag([0.08, 1.0], '--scale', nargs=2, help='random-resized-crop area range')
     ratio: List[float] = flag([3.0 / 4.0, 4.0 / 3.0], '--ratio', nargs=2, help='random-resized-crop aspect range')

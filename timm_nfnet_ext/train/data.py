@@ -13,13 +13,14 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import FileImageDataset, create_eval_transform
+from ..data.train_transforms import sample_seed
 from ..variants import reference_crop_pct
 from .config import TrainConfig
 from .recipe import TrainError
@@ -76,14 +77,9 @@ def _upscale(image: np.ndarray, size: int) -> Any:
     return Image.fromarray(image).resize((size, size), Image.BICUBIC).convert('RGB')
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one image in one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of an epoch's order."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, read: int = 0) -> int:
+    """The seed of an epoch's order (of its ``read``-th pass over the data, when it reads it more than once)."""
+    return int(np.random.SeedSequence([seed, epoch] + ([read] if read else [])).generate_state(1)[0])
 
 
 @contextlib.contextmanager
@@ -92,7 +88,7 @@ def _isolated_rng(seed: int) -> Iterator[None]:
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
-        np.random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)  # numpy's legacy seed is 32 bits
         # the CPU generator only: torch.manual_seed would also (lazily) reseed every CUDA
         # generator, which fork_rng(devices=[]) does not restore, and costs time per image
         torch.default_generator.manual_seed(seed)
@@ -132,41 +128,45 @@ class EpochSampler(Sampler):
     micro-batches that do not fill an optimizer step); rank ``r`` takes the r-th slice of each.
     ``set_epoch(epoch, start)`` starts at global micro-batch ``start``.
     Evaluation (``shuffle=False``): every ``world_size``-th index from ``rank``, nothing dropped.
+    With ``reads=2`` an epoch is two permutations in a row (the reference pipeline decodes 2B
+    images per step of B, so an epoch of the reference's length reads the data twice); each
+    read draws other augmentations.
     """
 
     def __init__(self, size: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, accum_steps: int = 1):
+                 shuffle: bool = True, accum_steps: int = 1, reads: int = 1):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
-        self.seed, self.shuffle, self.accum_steps = seed, shuffle, accum_steps
+        self.seed, self.shuffle, self.accum_steps, self.reads = seed, shuffle, accum_steps, reads
         self.epoch, self.start = 0, 0
 
     @property
     def micro_batches(self) -> int:
         """Global micro-batches per epoch (training)."""
-        n = self.size // (self.batch_size * self.world_size)
+        n = self.size * self.reads // (self.batch_size * self.world_size)
         return n - n % self.accum_steps
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _indices(self) -> List[int]:
-        if not self.shuffle:
-            return list(range(self.rank, self.size, self.world_size))
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        perm = torch.randperm(self.size, generator=g).tolist()
+    def _indices(self) -> List[Tuple[int, int]]:
+        """This rank's ``(index, read)`` pairs of the epoch, from its start."""
+        order = []
+        for read in range(self.reads):
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, read))
+            order += [(i, read) for i in torch.randperm(self.size, generator=g).tolist()]
         b, w = self.batch_size, self.world_size
         out = []
         for m in range(self.start, self.micro_batches):
-            chunk = perm[m * b * w:(m + 1) * b * w]
+            chunk = order[m * b * w:(m + 1) * b * w]
             out += chunk[self.rank * b:(self.rank + 1) * b]
         return out
 
     def __iter__(self) -> Iterator[Union[int, Tuple[int, int]]]:
         if not self.shuffle:  # evaluation: no augmentation to seed
-            yield from self._indices()
+            yield from range(self.rank, self.size, self.world_size)
             return
-        for i in self._indices():
-            yield i, sample_seed(self.seed, self.epoch, i)
+        for i, read in self._indices():
+            yield i, sample_seed(self.seed, self.epoch * self.reads + read, i)
 
     def __len__(self) -> int:
         if not self.shuffle:
@@ -176,11 +176,15 @@ class EpochSampler(Sampler):
 
 @dataclass
 class DataBundle:
-    """The datasets and the resolved preprocessing."""
+    """The datasets and the resolved preprocessing (``collate``: the training batches' collate
+    function, None for torch's default)."""
     train: Dataset
     val: Optional[Dataset]
     data_config: Dict[str, Any]
     name: str
+    collate: Optional[Callable[[List[Any]], Any]] = None
+    reads: int = 1
+    num_classes: Optional[int] = None
 
 
 def _dataset_name(cfg: TrainConfig) -> str:
@@ -302,11 +306,17 @@ def build_datasets(cfg: TrainConfig, pretrained_cfg: Dict[str, Any]) -> DataBund
     val = _make(cfg, name, cfg.val_split, False, size) if cfg.val_split else None
     if val is not None:
         val = _with_train_labels(cfg, name, train, val, size)
-    train.transform = create_transform(
-        data_cfg['input_size'], is_training=True, no_aug=cfg.no_aug, scale=tuple(cfg.scale),
-        ratio=tuple(cfg.ratio), hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
-        auto_augment=cfg.aa, interpolation=cfg.train_interpolation, mean=data_cfg['mean'], std=data_cfg['std'],
-        re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
+    collate, reads, num_classes = None, 1, num_classes_of(train)
+    if cfg.data_pipeline == 'reference':
+        train, collate = _reference_training(cfg, train, data_cfg, num_classes_of(train))
+        reads = 2  # 2B decoded images per step of B: an epoch of the reference's length reads the data twice
+    else:
+        train.transform = create_transform(
+            data_cfg['input_size'], is_training=True, no_aug=cfg.no_aug, scale=tuple(cfg.scale),
+            ratio=tuple(cfg.ratio), hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
+            auto_augment=cfg.aa, interpolation=cfg.train_interpolation, mean=data_cfg['mean'], std=data_cfg['std'],
+            re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
+    data_cfg = dict(data_cfg, train_pipeline=cfg.data_pipeline)
     if val is not None and cfg.val_preprocess == 'reference':
         s = _reference_val_size(cfg, data_cfg, pretrained_cfg)
         val = FileImageDataset(val, create_eval_transform(img_size=s, mean=data_cfg['mean'], std=data_cfg['std']))
@@ -317,7 +327,30 @@ def build_datasets(cfg: TrainConfig, pretrained_cfg: Dict[str, Any]) -> DataBund
             std=data_cfg['std'], crop_pct=data_cfg['crop_pct'], crop_mode=data_cfg.get('crop_mode'))
         data_cfg = dict(data_cfg, val_preprocess='timm', val_input_size=tuple(data_cfg['input_size']),
                    val_crop_pct=data_cfg['crop_pct'])
-    return DataBundle(train, val, data_cfg, name or 'ImageFolder')
+    return DataBundle(train, val, data_cfg, name or 'ImageFolder', collate, reads, num_classes)
+
+
+def _reference_training(cfg: TrainConfig, train: Dataset, data_cfg: Dict[str, Any],
+                        num_classes: Optional[int]) -> Tuple[Dataset, Callable[[List[Any]], Any]]:
+    """The training split through DeepMind's pipeline (``data/train_transforms.py``): the per-image
+    crop, flip and resize in the dataset; mixing, RandAugment and normalisation in the collate."""
+    from ..data.train_transforms import ReferenceTrainBatch, ReferenceTrainDataset, ReferenceTrainTransform
+    from ..variants import F_VARIANTS, variant_of
+    if cfg.mixup <= 0:
+        raise TrainError('--data-pipeline reference always mixes (half MixUp, half CutMix): --mixup sets its '
+                         f'Beta alpha and must be > 0, got {cfg.mixup}')
+    if cfg.num_classes or num_classes:
+        num_classes = cfg.num_classes or num_classes
+    else:
+        raise TrainError('cannot tell the number of classes of this dataset; pass --num-classes')
+    magnitude = cfg.randaug_magnitude
+    if magnitude is None:
+        magnitude = (variant_of(cfg.model) or F_VARIANTS[0]).randaug_magnitude
+    size = tuple(data_cfg['input_size'][1:])
+    dataset = ReferenceTrainDataset(train, ReferenceTrainTransform(size), seed=cfg.seed)
+    collate = ReferenceTrainBatch(num_classes=num_classes, magnitude=magnitude, mean=data_cfg['mean'],
+                                  std=data_cfg['std'], mixup_alpha=cfg.mixup, label_smoothing=cfg.smoothing)
+    return dataset, collate
 
 
 def _reference_val_size(cfg: TrainConfig, data_cfg: Dict[str, Any], pretrained_cfg: Dict[str, Any]) -> int:
@@ -339,10 +372,14 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def build_loader(dataset: Dataset, sampler: EpochSampler, cfg: TrainConfig, device: torch.device) -> DataLoader:
-    """A torch DataLoader over ``SeededDataset(dataset)`` driven by ``sampler``."""
+def build_loader(dataset: Dataset, sampler: EpochSampler, cfg: TrainConfig, device: torch.device,
+                 collate: Optional[Callable[[List[Any]], Any]] = None) -> DataLoader:
+    """A torch DataLoader driven by ``sampler``: over ``SeededDataset(dataset)`` (augmentations drawn
+    from torch's and numpy's global RNGs, seeded per sample), or, with a ``collate`` (the reference
+    pipeline), over ``dataset`` itself, which takes each sample's seed from the sampler."""
     workers = max(0, min(cfg.workers, _cpus()))  # more workers than CPUs only slows down
     return DataLoader(
-        SeededDataset(dataset), batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
+        SeededDataset(dataset) if collate is None else dataset, batch_size=sampler.batch_size, sampler=sampler,
+        num_workers=workers, collate_fn=collate,
         pin_memory=cfg.pin_mem and device.type == 'cuda', drop_last=False,
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))

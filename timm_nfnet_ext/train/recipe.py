@@ -22,7 +22,7 @@ DEFAULTS: Dict[str, Any] = {f.name: f.default_factory() if f.default_factory is 
 
 # the first field of each --help section
 _SECTIONS = {'recipe': 'recipe', 'data_dir': 'data', 'model': 'model', 'device': 'device and precision',
-             'opt': 'optimizer', 'sched': 'learning rate schedule', 'no_aug': 'augmentation and regularisation',
+             'opt': 'optimizer', 'sched': 'learning rate schedule', 'data_pipeline': 'augmentation and regularisation',
              'model_ema': 'EMA of the weights', 'seed': 'run, checkpoints, logging'}
 
 
@@ -66,6 +66,8 @@ def paper_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
 
     The learning rate is left to the batch rule: ``0.1 * global_batch / 256`` (--lr-base 0.1,
     --lr-base-size 256, linear). Resolution, RandAugment level and dropout follow the variant.
+    Training data goes through the reference pipeline (``--data-pipeline reference``); ``aa`` and
+    ``cutmix`` are the closest timm settings, used with ``--data-pipeline timm``.
     """
     from ..models import MODEL_CFGS
     from ..variants import F_VARIANTS, variant_of
@@ -83,6 +85,7 @@ def paper_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
         model_ema=True, model_ema_decay=0.99999, model_ema_warmup='paper',
         mixup=0.2, cutmix=1.0, aa=f'rand-n4-m{level}-mmax{max(10, level)}',
         drop_path=0.25, amp=True, amp_dtype='bfloat16', val_preprocess='reference',
+        data_pipeline='reference', randaug_magnitude=level,
     )
     if model in MODEL_CFGS:
         recipe['drop'] = MODEL_CFGS[model].drop_rate

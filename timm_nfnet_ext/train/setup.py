@@ -23,7 +23,7 @@ from timm.utils import random_seed
 from ..variants import REFERENCE_PADDING
 from ..weights.convert import missing_folders, remove_empty_folders
 from . import checkpoint as ckpt_io
-from .data import EpochSampler, build_datasets, build_loader, num_classes_of
+from .data import EpochSampler, build_datasets, build_loader
 from .config import TrainConfig
 from .recipe import TrainError
 
@@ -364,10 +364,10 @@ def _build_run(cfg: TrainConfig, dist_info: DistInfo, run_dir: Path, opt_name: s
 
     random_seed(cfg.seed)
     data = build_datasets(cfg, _default_cfg(cfg.model))
-    num_classes = cfg.num_classes or num_classes_of(data.train)
+    num_classes = cfg.num_classes or data.num_classes
     if not num_classes:
         raise TrainError('cannot tell the number of classes of this dataset; pass --num-classes')
-    data_classes = num_classes_of(data.train)
+    data_classes = data.num_classes
     if data_classes and num_classes < data_classes:
         raise TrainError(f'--num-classes {num_classes} is fewer than the {data_classes} classes of the dataset')
     model, arch = _create_model(cfg, num_classes)
@@ -380,8 +380,9 @@ def _build_run(cfg: TrainConfig, dist_info: DistInfo, run_dir: Path, opt_name: s
     ema = _make_ema(model, cfg)
 
     world, accum = dist_info.world_size, cfg.grad_accum_steps
-    sampler = EpochSampler(len(data.train), cfg.batch_size, rank=dist_info.rank, world_size=world,
-                           seed=cfg.seed, accum_steps=accum)
+    # the reference pipeline decodes 2B images for a batch of B (its collate mixes them pairwise)
+    sampler = EpochSampler(len(data.train), cfg.batch_size * (2 if data.collate is not None else 1),
+                           rank=dist_info.rank, world_size=world, seed=cfg.seed, accum_steps=accum, reads=data.reads)
     steps = sampler.micro_batches // accum
     if steps < 1:
         raise TrainError(f'{len(data.train)} training images cannot fill one step of global batch '
@@ -397,7 +398,7 @@ def _build_run(cfg: TrainConfig, dist_info: DistInfo, run_dir: Path, opt_name: s
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=amp_dtype) if cfg.amp else nullcontext()
 
-    mixup = _mixup(cfg, num_classes)
+    mixup = _mixup(cfg, num_classes) if data.collate is None else None  # (the reference pipeline mixes in its collate)
     val_loader = None
     if data.val is not None:
         val_sampler = EpochSampler(len(data.val), cfg.validation_batch_size or cfg.batch_size,
@@ -414,7 +415,8 @@ def _build_run(cfg: TrainConfig, dist_info: DistInfo, run_dir: Path, opt_name: s
                    steps_per_epoch=steps, total_epochs=num_epochs)
     run = Run(cfg=cfg, dist=dist_info, run_dir=run_dir, model=model, module=model, ema=ema,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast, mixup=mixup,
-              train_loss=_loss(cfg, mixup is not None), train_loader=build_loader(data.train, sampler, cfg, device),
+              train_loss=_loss(cfg, mixup is not None or data.collate is not None),
+              train_loader=build_loader(data.train, sampler, cfg, device, data.collate),
               train_sampler=sampler, val_loader=val_loader, steps_per_epoch=steps, num_epochs=num_epochs,
               num_classes=num_classes, identity=identity, data_config=data.data_config, derived=derived,
               arch_kwargs=arch, resume=resume, resume_path=resume_path, notes=notes,
