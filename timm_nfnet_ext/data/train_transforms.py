@@ -163,7 +163,8 @@ def _resize(image: torch.Tensor, size: Tuple[int, int], flip: bool = False) -> t
     row contiguous) to ``size``, mirrored left-right first if ``flip``; ``(C, h, w)`` float32."""
     in_h, in_w, channels = image.shape
     out_h, out_w = size
-    x = torch.sparse.mm(_taps_csr(in_h, out_h), image.reshape(in_h, in_w * channels).float())  # rows first
+    # one copy: the (strided) crop straight to contiguous float32, then rows first
+    x = torch.sparse.mm(_taps_csr(in_h, out_h), image.float().view(in_h, in_w * channels))
     x = x.view(out_h, in_w, channels).transpose(0, 1).reshape(in_w, out_h * channels)
     x = torch.sparse.mm(_taps_csr(in_w, out_w, flip), x)
     return x.view(out_w, out_h, channels).permute(2, 1, 0).contiguous()
