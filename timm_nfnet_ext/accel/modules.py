@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -173,19 +173,14 @@ class AcceleratedNFNet(_Scriptable, NFNet):
         with self._standardized_once(x, self.stages):
             return super().forward_features(x)
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, **kwargs: Any
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """``NFNet.forward_intermediates`` (same arguments), the convs it runs grouped."""
         _, max_index = feature_indices(len(self.stages) + 1, indices)
         stages = self.stages if not stop_early else self.stages[:max_index]
         with self._standardized_once(x, stages, final=len(stages) == len(self.stages)):
-            return super().forward_intermediates(x, indices, norm, stop_early, output_fmt, intermediates_only)
+            return super().forward_intermediates(x, indices, norm, stop_early, **kwargs)
 
 
 _FAST: Dict[type, type] = {Activation: FastActivation, WSConv2d: FastWSConv2d, NFNet: AcceleratedNFNet}
@@ -207,12 +202,9 @@ def accelerate(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` itself.
     """
-    for m in model.modules():
-        fast = _FAST.get(type(m))
-        if fast is not None:
-            m.__class__ = fast
-            if fast is AcceleratedNFNet and 'grouped_ws' not in m.__dict__:
-                m.grouped_ws = None
+    for m in _swap_classes(model, _FAST):
+        if type(m) is AcceleratedNFNet and 'grouped_ws' not in m.__dict__:
+            m.grouped_ws = None
     return model
 
 
@@ -226,9 +218,15 @@ def reference(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` itself.
     """
-    for m in model.modules():
-        ref = _REFERENCE.get(type(m))
-        if ref is not None:
-            m.__class__ = ref
-            m.__dict__.pop('grouped_ws', None)
+    for m in _swap_classes(model, _REFERENCE):
+        m.__dict__.pop('grouped_ws', None)
     return model
+
+
+def _swap_classes(model: nn.Module, table: Dict[type, type]) -> List[nn.Module]:
+    """Give each module of ``model`` whose class is a key of ``table`` the class it maps to; the
+    modules changed."""
+    changed = [m for m in model.modules() if type(m) in table]
+    for m in changed:
+        m.__class__ = table[type(m)]
+    return changed
