@@ -17,7 +17,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -30,7 +29,7 @@ from timm.models import save_for_hf
 from timm_nfnet_hub.names import TAG_PATTERN
 
 from .. import __version__
-from ..files import PathLike
+from ..files import PathLike, staged_folder
 from ..variants import reference_crop_pct
 from .checkpoint import CheckpointError, checkpoint_filter_fn, detect_layout, load_checkpoint_file
 
@@ -90,28 +89,18 @@ def save_model_folder(
     Both are written to temporary names in ``out_dir`` and renamed into place, so a failure
     never leaves a half-written file under the final names. The same weights give the same bytes.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(f'output folder is not writable: {out_dir}')
     meta = {'format': 'pt', 'converter': f'timm-nfnet-ext {__version__}',
             'architecture': model.pretrained_cfg.get('architecture', '')}
     meta.update(metadata or {})
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix='.tmp-') as tmp:
-        tmp = Path(tmp)
+    with staged_folder(out_dir, OUTPUT_FILES) as tmp:
         save_file(tensors, str(tmp / 'model.safetensors'), metadata=meta)
         canonicalize_safetensors(tmp / 'model.safetensors')  # same weights -> same bytes
         # timm's config.json, through its public writer (timm exports no config-only one); the
-        # weights it writes beside it are left in the temporary folder: ours are the ones above
+        # weights it writes beside it stay in the staging folder: ours are the ones above
         save_for_hf(model, str(tmp / 'timm'), safe_serialization=True)
         os.replace(tmp / 'timm' / 'config.json', tmp / 'config.json')
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in ('model.safetensors', 'config.json'):
-            os.chmod(tmp / name, 0o666 & ~umask)  # not the 0600 of the temporary folder's files
-            os.replace(tmp / name, out_dir / name)
-    return out_dir
+    return Path(out_dir)
 
 
 OUTPUT_FILES = ('model.safetensors', 'config.json')
