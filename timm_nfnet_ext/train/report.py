@@ -45,7 +45,12 @@ def settings_yaml(settings: Mapping[str, Any], sources: Mapping[str, str], deriv
 
 
 def write_summary(history: Sequence[Mapping[str, Any]], path: os.PathLike) -> Path:
-    """timm-style summary.csv, one row per finished epoch, written atomically."""
+    """timm-style summary.csv, one row per finished epoch, written atomically.
+
+    Not timm's ``update_summary``: it appends a row per call, so a run resumed from a checkpoint
+    older than the last row would repeat rows; this rewrites the file from the checkpointed
+    history, whole or not at all.
+    """
     columns: List[str] = list(SUMMARY_COLUMNS)
     for row in history:
         columns += [k for k in row if k not in columns]
