@@ -323,10 +323,8 @@ def _load_states(run: Run, data: Mapping[str, Any], path: Path) -> None:
 
 
 def _schedule_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
-    """``key old -> new`` for each schedule setting that differs; a key the checkpoint predates
-    (saved by an older version) counts as unchanged."""
-    return [f'{k} {before[k]!r} -> {v!r}' for k, v in now.items()
-            if k in before and _as_list(before[k]) != _as_list(v)]
+    """``key old -> new`` for each schedule setting that differs."""
+    return [f'{k} {before.get(k)!r} -> {v!r}' for k, v in now.items() if _as_list(before.get(k)) != _as_list(v)]
 
 
 def _as_list(v: Any) -> Any:
