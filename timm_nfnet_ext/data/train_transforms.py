@@ -19,9 +19,7 @@ samples in it. A loader is built as::
 """
 from __future__ import annotations
 
-import functools
 import numbers
-import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -33,7 +31,7 @@ from .crop import sample_distorted_crop
 from .datasets import FileImageDataset
 from .mixing import mix_batch
 from .randaugment import RandAugment
-from .resize import bicubic_taps
+from .resize import resize_crop
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageInput, ReferenceEvalTransform, to_rgb_array
 
 __all__ = ['ReferenceTrainBatch', 'ReferenceTrainDataset', 'ReferenceTrainTransform',
@@ -52,6 +50,14 @@ def _size(img_size: Size) -> Tuple[int, int]:
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of sample ``index`` in ``epoch`` of a run seeded with ``seed`` (a 63-bit int).
+
+    Args:
+        seed: the run's seed.
+        epoch: the epoch.
+        index: the sample's index in the dataset.
+
+    Returns:
+        The sample's seed, an int in ``[0, 2**63)``.
 
     Raises:
         ValueError: a negative or non-integer argument.
@@ -127,47 +133,13 @@ class ReferenceTrainTransform:
             hwc = np.array(hwc, order='C')  # torch wraps writable arrays with contiguous pixels
         # the crop is a view; the flip happens before the resize as in the reference (the
         # resize is not exactly mirror-symmetric), inside it rather than as a copy
-        return _resize(torch.from_numpy(hwc)[top:top + h, left:left + w], self.img_size, flip)
+        out_h, out_w = self.img_size
+        return resize_crop(torch.from_numpy(hwc)[top:top + h, left:left + w], self.img_size, (0, 0, out_h, out_w),
+                           flip).contiguous()
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(img_size={self.img_size}, crop=sample_distorted_bounding_box'
                 f'{self.crop_args}, flip={self.flip}, resize=tf-bicubic (unclamped))')
-
-
-@functools.lru_cache(maxsize=1024)
-def _taps_csr(in_size: int, out_size: int, flip: bool = False) -> torch.Tensor:
-    """TensorFlow's bicubic taps along one axis as a ``(out, in)`` CSR matrix.
-
-    :func:`~timm_nfnet_ext.data.resize.resize_crop` computes the same product, but builds its
-    matrix through a dense one and caches 256 sizes: a random crop's size changes with every
-    image, and that build cost more than the resize. Built directly (the zero weights of taps
-    outside the image dropped, which changes no sum) and with a larger cache, the output is
-    bit-identical (tests/test_train_pipeline.py checks it). ``flip`` reads input ``in - 1 - i``
-    for ``i``: the resize of the mirrored image, with the same products summed in the same
-    order, without copying the image mirrored.
-    """
-    index, weight = bicubic_taps(in_size, out_size)
-    index, weight = index.t(), weight.t()
-    if flip:
-        index = in_size - 1 - index
-    keep = weight != 0
-    crow = torch.zeros(out_size + 1, dtype=torch.int64)
-    crow[1:] = keep.sum(1).cumsum(0)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": used as documented
-        warnings.simplefilter('ignore', UserWarning)
-        return torch.sparse_csr_tensor(crow, index[keep], weight[keep], (out_size, in_size))
-
-
-def _resize(image: torch.Tensor, size: Tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """TensorFlow's bicubic of a whole uint8 ``(H, W, C)`` image (rows may be strided, each
-    row contiguous) to ``size``, mirrored left-right first if ``flip``; ``(C, h, w)`` float32."""
-    in_h, in_w, channels = image.shape
-    out_h, out_w = size
-    # one copy: the (strided) crop straight to contiguous float32, then rows first
-    x = torch.sparse.mm(_taps_csr(in_h, out_h), image.float().view(in_h, in_w * channels))
-    x = x.view(out_h, in_w, channels).transpose(0, 1).reshape(in_w, out_h * channels)
-    x = torch.sparse.mm(_taps_csr(in_w, out_w, flip), x)
-    return x.view(out_w, out_h, channels).permute(2, 1, 0).contiguous()
 
 
 class _DecodedImage(ReferenceEvalTransform):
@@ -209,7 +181,14 @@ class ReferenceTrainDataset(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """New draws for every sample; call before iterating (workers copy the dataset then)."""
+        """New draws for every sample; call before iterating (workers copy the dataset then).
+
+        Args:
+            epoch: the epoch (int >= 0).
+
+        Raises:
+            ValueError: a negative or non-integer ``epoch``.
+        """
         sample_seed(self.seed, epoch, 0)
         self.epoch = int(epoch)
 
