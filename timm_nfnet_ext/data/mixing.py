@@ -108,9 +108,13 @@ def smooth_targets(labels: torch.Tensor, mix_labels: torch.Tensor, ratio: torch.
     Returns:
         ``(N, num_classes)`` float32 targets (each row sums to 1).
     """
-    eye = torch.eye(num_classes, dtype=torch.float32)
-    r = ratio.to(torch.float32)[:, None]
-    y = r * eye[labels] + (1.0 - r) * eye[mix_labels]
+    # ratio * 1 + (1 - ratio) * 0 is ratio exactly, so two accumulating writes into zeros give the
+    # one-hot formula bit for bit (an identity matrix per batch would cost num_classes^2 floats)
+    r = ratio.to(torch.float32)
+    rows = torch.arange(r.shape[0])
+    y = torch.zeros(r.shape[0], num_classes, dtype=torch.float32)
+    y.index_put_((rows, labels.long()), r, accumulate=True)
+    y.index_put_((rows, mix_labels.long()), 1.0 - r, accumulate=True)
     if label_smoothing > 0:
         y = y * float(_F32(1.0 - label_smoothing)) + float(_F32(label_smoothing / num_classes))
     return y
