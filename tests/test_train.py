@@ -265,7 +265,9 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(OSError, match='disk full'):
         ckpt_io.save_atomic({'v': torch.zeros(3)}, path)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ['last.pth.tar']
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['checksums.json',
+                                                                                          'last.pth.tar']
+    assert ckpt_io.verify(path) is None  # the recorded checksum still matches the kept file
 
 
 def test_atomic_text_and_copy_keep_the_previous_file_on_failure(tmp_path, monkeypatch):

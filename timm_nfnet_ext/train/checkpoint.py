@@ -4,9 +4,17 @@ A checkpoint is a dict of tensors and plain Python values only (RNG states inclu
 loads with ``torch.load(weights_only=True)``: nothing is unpickled. Files are written to a
 temporary name in the same folder and renamed into place, so a killed run leaves either the
 previous file or the new one, never half of one.
+
+Every file written here is also recorded (size and SHA-256) in the folder's ``checksums.json``
+*before* it is renamed into place (the entry of the content it replaces is kept too), so a
+truncated, corrupt or half-copied checkpoint is recognised on resume and passed over for the
+previous good one (:func:`verify`, :func:`find_latest`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import re
@@ -21,13 +29,18 @@ from ..files import atomic_path, write_text_atomic
 from .recipe import TrainError
 
 __all__ = ['FORMAT', 'capture_rng', 'restore_rng', 'save_atomic', 'copy_atomic', 'write_text_atomic',
-           'load_checkpoint', 'check_compatible', 'find_latest', 'list_checkpoints', 'remove_stale_temps']
+           'load_checkpoint', 'check_compatible', 'find_latest', 'list_checkpoints', 'remove_stale_temps',
+           'verify', 'file_digest', 'CHECKSUMS']
+
+_logger = logging.getLogger(__name__)
 
 FORMAT = 'timm-nfnet-train'
 VERSION = 1
 REQUIRED = ('model', 'optimizer', 'epoch', 'step', 'global_step', 'identity', 'rng', 'history')
 _TMP = re.compile(r'^\..+\.\d+\.tmp$')
-CHECKPOINT_GLOB = ('last.pth.tar', 'checkpoint-*.pth.tar')
+CHECKPOINT_GLOB = ('last.pth.tar', 'previous.pth.tar', 'checkpoint-*.pth.tar')
+CHECKSUMS = 'checksums.json'  # name -> [{size, sha256}, ...] of the files of this folder, newest first
+_KEEP_DIGESTS = 2  # the new content's entry and the one it replaces (valid until the rename)
 
 
 # --- RNG states as tensors and plain values --------------------------------------------------
@@ -58,24 +71,79 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+# --- checksums -------------------------------------------------------------------------------
+def file_digest(path: os.PathLike) -> Dict[str, Any]:
+    """``{'size', 'sha256'}`` of a file's content."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            h.update(block)
+            size += len(block)
+    return {'size': size, 'sha256': h.hexdigest()}
+
+
+def _read_checksums(folder: Path) -> Dict[str, List[Dict[str, Any]]]:
+    try:
+        table = json.loads((folder / CHECKSUMS).read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _record(folder: Path, name: str, digests: List[Dict[str, Any]]) -> None:
+    """Put ``digests`` first among the accepted contents of ``name`` (before ``name`` is replaced:
+    the old content stays accepted until then). Entries of files now gone are dropped."""
+    table = _read_checksums(folder)
+    kept = [d for d in table.get(name, []) if d not in digests]
+    table[name] = (list(digests) + kept)[:max(_KEEP_DIGESTS, len(digests))]
+    table = {k: v for k, v in table.items() if k == name or (folder / k).exists()}
+    write_text_atomic(json.dumps(table, indent=1, sort_keys=True) + '\n', folder / CHECKSUMS)
+
+
+def verify(path: os.PathLike) -> Optional[str]:
+    """Why ``path`` is not the complete file this command wrote (``None``: it is, or nothing was
+    recorded for it, e.g. a checkpoint of an older version: then only loading it can tell)."""
+    path = Path(path)
+    entries = _read_checksums(path.parent).get(path.name)
+    if not entries:
+        return None
+    size = path.stat().st_size
+    sizes = sorted({d.get('size') for d in entries if isinstance(d, dict)}, key=str)
+    if size not in sizes:
+        return f'its size is {size} bytes, {CHECKSUMS} records {" or ".join(map(str, sizes))} (truncated or half-written)'
+    if file_digest(path) not in entries:
+        return f'its SHA-256 differs from the one recorded in {CHECKSUMS} (the file is corrupt)'
+    return None
+
+
 # --- atomic files (timm_nfnet_ext.files) ------------------------------------------------------
 def save_atomic(obj: Any, path: os.PathLike) -> Path:
-    """``torch.save`` to a temporary name next to ``path``, fsync, rename over ``path``."""
-    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return Path(path)
+    """``torch.save`` to a temporary name next to ``path``, fsync, record its checksum, rename
+    over ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _record(path.parent, path.name, [file_digest(tmp)])
+    return path
 
 
 def copy_atomic(src: os.PathLike, dst: os.PathLike) -> Path:
-    """Give ``dst`` the content of ``src``: a hard link (or a copy) under a temporary name, renamed."""
+    """Give ``dst`` the content of ``src``: a hard link (or a copy) under a temporary name, renamed
+    (its recorded checksum goes with it)."""
+    src, dst = Path(src), Path(dst)
     with atomic_path(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-    return Path(dst)
+        recorded = _read_checksums(src.parent).get(src.name)
+        if recorded and src.parent == dst.parent:
+            _record(dst.parent, dst.name, recorded)
+    return dst
 
 
 def remove_stale_temps(folder: os.PathLike) -> List[Path]:
@@ -90,10 +158,14 @@ def remove_stale_temps(folder: os.PathLike) -> List[Path]:
 
 # --- reading ---------------------------------------------------------------------------------
 def load_checkpoint(path: os.PathLike) -> Dict[str, Any]:
-    """Read a checkpoint of this command safely; ``TrainError`` naming the problem otherwise."""
+    """Read a checkpoint of this command safely (its size and SHA-256 checked against the folder's
+    ``checksums.json`` first); ``TrainError`` naming the problem otherwise."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f'checkpoint {str(path)!r} does not exist')
+    bad = verify(path)
+    if bad:
+        raise TrainError(f'checkpoint {str(path)!r} is damaged: {bad}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for damaged or foreign files
@@ -143,13 +215,21 @@ def list_checkpoints(folder: os.PathLike) -> List[Path]:
 
 
 def find_latest(folder: os.PathLike) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest readable checkpoint of ``folder`` and its content (``None`` when there is none)."""
+    """The newest good checkpoint of ``folder`` and its content (``None`` when there is none).
+    A newer file that is damaged (truncated, corrupt, half-written, unreadable) is reported on
+    the primary process's log and passed over: the previous good one is used."""
     errors: List[str] = []
     for path in list_checkpoints(folder):
         try:
-            return path, load_checkpoint(path)
+            found = path, load_checkpoint(path)
         except TrainError as e:
             errors.append(str(e))
+            continue
+        if errors and int(os.environ.get('RANK', '0')) == 0:
+            for error in errors:
+                _logger.warning(f'--resume auto: skipped {error}')
+            _logger.warning(f'--resume auto: using the previous good checkpoint {str(path)!r}')
+        return found
     if errors:
         raise TrainError('--resume auto: no readable checkpoint in ' + str(folder) + ':\n  ' + '\n  '.join(errors))
     return None
@@ -163,3 +243,11 @@ def prune(folder: os.PathLike, keep: int, protect: Iterable[Path] = ()) -> None:
     for p in numbered[max(keep, 1):]:
         if p.resolve() not in protect:
             p.unlink(missing_ok=True)
+
+
+def keep_previous(folder: os.PathLike, name: str = 'last.pth.tar', previous: str = 'previous.pth.tar') -> None:
+    """Give ``previous`` the current content of ``name`` (a hard link), before ``name`` is replaced:
+    the fallback when the newest file turns out damaged."""
+    folder = Path(folder)
+    if (folder / name).is_file():
+        copy_atomic(folder / name, folder / previous)

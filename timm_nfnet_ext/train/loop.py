@@ -8,6 +8,10 @@
 Everything is built from timm's factories (see ``train_setup``); this module is the loop:
 train steps with gradient accumulation, AGC statistics, EMA, validation, checkpoints
 (``train_checkpoint``), summary.csv and plot (``train_report``), and the export at the end.
+
+Exit codes of the command: 0 done; 1 diverged (``--nonfinite-limit`` non-finite steps in a
+row); 2 refused before training (bad input); 75 preempted (SIGTERM or SIGUSR1: every rank
+finished the same step and a checkpoint was written; start again with ``--resume auto``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from ..logs import command_output
 from . import checkpoint as ckpt_io
 from .data import EpochSampler, build_loader
+from .elastic import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, StopRequest, release_store
 from .recipe import TrainError, resolve_settings
 from .report import format_settings, settings_yaml, to_plain, write_plot, write_summary
 from .setup import DistInfo, Run, init_distributed, prepare
@@ -34,6 +39,11 @@ from .setup import DistInfo, Run, init_distributed, prepare
 __all__ = ['main', 'train', 'evaluate', 'weights_fingerprint']
 
 _logger = logging.getLogger(__name__)
+_STOP = StopRequest()  # its signal handlers are installed by the command (main) only
+
+
+class Preempted(Exception):
+    """Every rank stopped after the same step on SIGTERM/SIGUSR1; the checkpoint is written."""
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -135,6 +145,9 @@ def _save(run: Run, state: Dict[str, Any], epoch_end: bool) -> Optional[Path]:
     if not run.dist.primary:
         return None
     d = run.run_dir
+    if state.get('last_good', True):  # the fallback if the new last.pth.tar is found damaged
+        ckpt_io.keep_previous(d)
+    state['last_good'] = True
     if not epoch_end:
         return ckpt_io.save_atomic(data, d / 'last.pth.tar')
     path = ckpt_io.save_atomic(data, d / f'checkpoint-{state["epoch"] - 1}.pth.tar')
@@ -171,7 +184,7 @@ def _restore(run: Run) -> Dict[str, Any]:
 
 
 def _fresh_meters() -> Dict[str, float]:
-    return {'loss_sum': 0.0, 'steps': 0, 'clipped': 0.0, 'units': 0.0, 'images': 0}
+    return {'loss_sum': 0.0, 'steps': 0, 'clipped': 0.0, 'units': 0.0, 'images': 0, 'skipped': 0, 'bad_in_row': 0}
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -186,6 +199,28 @@ def _micro_step(run: Run, images: torch.Tensor, targets: torch.Tensor, last: boo
             loss = run.train_loss(run.model(images), targets) / run.cfg.grad_accum_steps
         run.scaler.scale(loss).backward()
     return loss.detach()
+
+
+def _nonfinite(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """True (a device flag, no sync) when the step's loss or a gradient holds inf/NaN. Under DDP the
+    gradients are already averaged, so every rank sees the same ones. With fp16's GradScaler
+    only the loss counts: the scaler skips overflowing scaled gradients itself."""
+    bad = ~torch.isfinite(loss)
+    if not run.scaler.is_enabled():
+        sums = [p.grad.sum(dtype=torch.float32) for p in run.module.parameters()
+                if p.grad is not None and not p.grad.is_sparse]
+        if sums:
+            bad = bad | ~torch.isfinite(torch.stack(sums)).all()
+    return bad
+
+
+def _skip_step(run: Run, state: Dict[str, Any]) -> None:
+    """A step whose loss or gradients are non-finite: no optimizer, scaler or EMA update (nothing
+    non-finite reaches their states, or a checkpoint); the position and schedule move on."""
+    run.optimizer.zero_grad(set_to_none=True)
+    state['global_step'] += 1
+    if run.scheduler is not None:
+        run.scheduler.step_update(state['global_step'])
 
 
 def _optimizer_step(run: Run, state: Dict[str, Any]) -> None:
@@ -219,9 +254,23 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
             images, targets = next(batches)
             loss += _micro_step(run, images, targets, micro == accum - 1)
             seen += images.shape[0]
-        _optimizer_step(run, state)
-        pending += loss
-        meters['steps'] += 1
+        # one small all-reduce a step: did any rank get SIGTERM/SIGUSR1, is the step non-finite
+        stop, bad = _STOP.agreed(_nonfinite(run, loss), run.dist.distributed)
+        if bad:
+            _skip_step(run, state)
+            meters['skipped'] = meters.get('skipped', 0) + 1
+            meters['bad_in_row'] = meters.get('bad_in_row', 0) + 1
+            log(f'train: epoch {epoch} step {step + 1}: non-finite loss or gradient, step skipped '
+                f'({meters["bad_in_row"]} in a row, {meters["skipped"]} this epoch)')
+            if meters['bad_in_row'] >= cfg.nonfinite_limit:
+                raise FloatingPointError(f'{meters["bad_in_row"]} steps in a row with a non-finite loss or '
+                                         f'gradient (--nonfinite-limit {cfg.nonfinite_limit}), the last at '
+                                         f'epoch {epoch} step {step + 1}; none reached the weights or a checkpoint')
+        else:
+            _optimizer_step(run, state)
+            pending += loss
+            meters['steps'] += 1
+            meters['bad_in_row'] = 0
         state['step'] = step + 1
         bar.update(1)
         if cfg.log_interval and (step + 1) % cfg.log_interval == 0:
@@ -230,6 +279,14 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
             bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{_lr(run):.3g}', refresh=False)
             log(f'train: epoch {epoch} [{step + 1:>4}/{run.steps_per_epoch}] loss {float(loss):.4f} '
                 f'lr {_lr(run):.4g} {_clip_text(meters)}{rate:.0f} img/s')
+        if stop:  # every rank is here after the same step: one consistent checkpoint, then exit
+            _fold(meters, pending, run.optimizer)
+            bar.close()
+            log.bar = None
+            path = _save(run, state, epoch_end=False)
+            log(f'stopping on {_STOP.name()}: epoch {epoch} step {step + 1} (global step '
+                f'{state["global_step"]}) saved to {path}; continue with --resume auto')
+            raise Preempted(_STOP.name())
         if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step + 1 < run.steps_per_epoch:
             _fold(meters, pending, run.optimizer)
             _save(run, state, epoch_end=False)
@@ -308,6 +365,11 @@ def train(run: Run) -> Dict[str, Any]:
     log = _Log(run.dist.primary)
     state = _restore(run)
     resumed, run.resume = run.resume is not None, None  # its tensors are loaded: free the copy
+    # last.pth.tar becomes previous.pth.tar at the next save only when known good (resumed from, or
+    # none yet): a damaged one that resume passed over must not replace the good fallback
+    last = run.run_dir / 'last.pth.tar'
+    state['last_good'] = not last.exists() or (resumed and run.resume_path is not None
+                                               and Path(run.resume_path).resolve() == last.resolve())
     if resumed:
         log(f'resuming {run.resume_path} at epoch {state["epoch"]} step {state["step"]} '
             f'(global step {state["global_step"]})')
@@ -414,8 +476,13 @@ def _finish(run: Run, state: Dict[str, Any]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``timm-nfnet-train`` / ``python -m timm_nfnet_ext.train``."""
-    with command_output():
-        return _main(argv)
+    _STOP.signal = None
+    _STOP.install()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
+    try:
+        with command_output():
+            return _main(argv)
+    finally:
+        _STOP.uninstall()
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -430,13 +497,18 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except TrainError as e:
         print(f'timm-nfnet-train: error: {e}', file=sys.stderr)
         _shutdown(barrier=False)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         state = train(run)
     except FloatingPointError as e:
         print(f'timm-nfnet-train: error: training diverged: {e}', file=sys.stderr)
         _shutdown(barrier=False)
-        return 1
+        return EXIT_DIVERGED
+    except Preempted as e:
+        print(f'timm-nfnet-train: stopped on {e}: checkpoint written, exit code {EXIT_PREEMPTED}; '
+              'start again with --resume auto', file=sys.stderr)
+        _shutdown()
+        return EXIT_PREEMPTED
     _finish(run, state)
     _shutdown()  # before the export: other ranks must not wait on it past the collective timeout
     if run.cfg.export is not None and run.dist.primary:
@@ -453,5 +525,6 @@ def _shutdown(barrier: bool = True) -> None:
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
+            release_store(dist.get_rank(), dist.get_world_size())
         dist.destroy_process_group()
 

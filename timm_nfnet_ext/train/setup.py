@@ -61,7 +61,13 @@ def init_distributed(device: Optional[str]) -> DistInfo:
     else:
         dev = torch.device(kind)
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+        # a store of this attempt's own under torchrun (an elastic restart must not read the killed
+        # attempt's keys), and a finite timeout: a lost peer is an error, not a 30-minute wait
+        from .elastic import process_group_store, process_group_timeout
+        rank, timeout = int(os.environ.get('RANK', '0')), process_group_timeout()
+        store = process_group_store(rank, world, timeout)
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=timeout,
+                                **(dict(store=store, rank=rank, world_size=world) if store is not None else {}))
     return DistInfo(dist.get_rank(), dist.get_world_size(), dev)
 
 
@@ -208,6 +214,7 @@ def _check_numbers(cfg: TrainConfig, dist_info: DistInfo) -> None:
         (not (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax) or cfg.batch_size % 2 == 0,
          f'--mixup/--cutmix/--cutmix-minmax need an even --batch-size, got {cfg.batch_size}'),
         (cfg.recovery_interval >= 0, '--recovery-interval must be >= 0'),
+        (cfg.nonfinite_limit >= 1, f'--nonfinite-limit must be >= 1, got {cfg.nonfinite_limit}'),
         (0 <= cfg.seed < 2 ** 31, f'--seed must be in [0, 2**31), got {cfg.seed}'),  # numpy's seed range, with room for ranks
         (cfg.amp_dtype != 'float16' or not cfg.amp or dist_info.device.type == 'cuda',
          '--amp with float16 needs CUDA; on CPU use --amp-dtype bfloat16'),
