@@ -28,13 +28,24 @@ FILES = ('model.safetensors', 'config.json', 'README.md')
 
 
 def converter_name() -> str:
-    """The converter named in metadata and model cards."""
+    """The converter named in metadata and model cards.
+
+    Returns:
+        ``timm-nfnet-ext <version>``.
+    """
     return f'timm-nfnet-ext {EXT_VERSION}'
 
 
 @dataclass
 class BuildResult:
-    """A validated release folder, ready to publish."""
+    """A validated release folder, ready to publish.
+
+    Attributes:
+        folder: the release folder.
+        repo_id: the Hub repo it is built for.
+        built: the validated model and the checks it passed.
+        source_sha256: the source checkpoint's sha256.
+    """
     folder: Path
     repo_id: str
     built: BuiltModel
@@ -42,6 +53,11 @@ class BuildResult:
 
     @property
     def files(self) -> List[Path]:
+        """The release's files.
+
+        Returns:
+            The paths of ``FILES`` in ``folder``.
+        """
         return [self.folder / name for name in FILES]
 
 
@@ -115,7 +131,28 @@ def build_release(
         cache_dir: Optional[PathLike] = None,
         expected_size: Optional[int] = None,
 ) -> BuildResult:
-    """Fetch and check the source, build and validate the model, and write the release folder."""
+    """Fetch and check the source, build and validate the model, and write the release folder.
+
+    Args:
+        release: the manifest entry.
+        out_dir: the release folder to write (its three files are replaced all or nothing).
+        repo_id: the Hub repo it is built for (named in ``config.json`` and the card).
+        src: a local file, URL or ``hf-hub:ORG/NAME``; None for the manifest's URL.
+        reference: a local copy of timm's weights for the timm reference check, if any.
+        cross_check: a second source (same forms as ``src``) whose model must agree.
+        cache_dir: where downloads are kept (default: ``sources.default_cache_dir()``).
+        expected_size: the source's byte size, where the manifest does not describe the file.
+
+    Returns:
+        The written folder, with the validated model and the source's sha256.
+
+    Raises:
+        SourceError: the source cannot be fetched or is not the file the manifest describes.
+        ValidationError: the built model fails a check.
+        CheckpointError: the source cannot be read safely, or does not fit the architecture.
+        TimmReferenceError: the timm cross-check cannot build timm's model for these weights.
+        PermissionError: ``out_dir`` is not writable.
+    """
     src_path, digest = resolve_source(src, release, cache_dir, expected_size)
     other = resolve_source(cross_check, release, cache_dir)[0] if cross_check else None
     built = build_and_validate(release, src_path, reference=reference,

@@ -127,7 +127,19 @@ def render_card(
         converter: str,
         proofs: Sequence[str] = (),
 ) -> str:
-    """The full README.md for ``release`` published as ``repo_id``; ``proofs`` lists the checks that passed."""
+    """The full README.md for ``release`` published as ``repo_id``; ``proofs`` lists the checks that passed.
+
+    Args:
+        release: the manifest entry.
+        repo_id: the Hub repo it is published to.
+        source_name: how the source checkpoint is named (its URL, ``hf-hub:`` id or file name).
+        source_sha256: the source's sha256.
+        converter: the converter's name and version.
+        proofs: the checks that passed, one line each.
+
+    Returns:
+        The model card, YAML metadata header included.
+    """
     s = release.test_size
     header = card_metadata(release, repo_id).to_yaml()
     proof_lines = '\n'.join(f'  - {p}' for p in proofs) or '  - (no checks recorded)'

@@ -38,7 +38,18 @@ class GitMirrorError(RuntimeError):
 
 
 def mirror_repo_path(mirror_root: PathLike, repo_id: str) -> Path:
-    """``MIRROR/models/ORG/NAME``, where olah's ``mirrors-path`` looks for ``ORG/NAME``."""
+    """``MIRROR/models/ORG/NAME``, where olah's ``mirrors-path`` looks for ``ORG/NAME``.
+
+    Args:
+        mirror_root: the mirror's root folder.
+        repo_id: ``ORG/NAME``.
+
+    Returns:
+        The repository's path.
+
+    Raises:
+        GitMirrorError: ``repo_id`` is not ``ORG/NAME`` (or contains ``..``).
+    """
     org, _, name = repo_id.partition('/')
     if not org or not name or '/' in name or '..' in repo_id:
         raise GitMirrorError(f'invalid repo id {repo_id!r}: expected ORG/NAME')
@@ -122,6 +133,18 @@ def commit_folder(
 
     Returns ``(head commit, True)`` when a commit was made, ``(head commit, False)`` when the
     content was already there.
+
+    Args:
+        folder: the folder whose files to commit.
+        repo_path: the (non-bare) git repository, created if missing.
+        message: the commit message.
+        files: the file names to commit; None for every file of ``folder``.
+
+    Returns:
+        The head commit's id, and whether a commit was made.
+
+    Raises:
+        GitMirrorError: git is missing or fails, or ``repo_path`` is not a clean git repository.
     """
     folder, repo = Path(folder), Path(repo_path)
     files = sorted(files if files is not None else (p.name for p in folder.iterdir() if p.is_file()))

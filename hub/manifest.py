@@ -27,7 +27,28 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Release:
-    """One entry of the manifest (see ``manifest.json`` for the fields)."""
+    """One entry of the manifest (see ``manifest.json`` for the fields).
+
+    Attributes:
+        key: the release key, e.g. ``F0``.
+        model: the registered model name it loads into.
+        repo_name: the Hub repo name, ``<model>.<tag>``.
+        title: the model card's title.
+        source_url: where the source checkpoint is downloaded from, if anywhere.
+        source_size: the source's byte size, if known.
+        source_sha256: the source's sha256, if known.
+        train_size: the train resolution in pixels.
+        test_size: the evaluation resolution in pixels.
+        params_m: the parameter count in millions.
+        top1: the published ImageNet top-1, if any.
+        top5: the published ImageNet top-5, if any.
+        license: the weights' license.
+        dataset: the training dataset.
+        model_kwargs: ``timm.create_model`` keywords of the architecture.
+        timm_repo_id: the Hub repo of timm's copy, for the timm reference check.
+        timm_model: timm's model name for that copy.
+        origin: ``'deepmind'`` (DeepMind's released weights) or ``'custom'``.
+    """
     key: str
     model: str
     repo_name: str
@@ -50,16 +71,34 @@ class Release:
     @property
     def from_deepmind(self) -> bool:
         """DeepMind's own released weights (``"origin": "deepmind"``): the card then tells their training
-        recipe and cites the accuracy they published."""
+        recipe and cites the accuracy they published.
+
+        Returns:
+            True for DeepMind's release.
+        """
         return self.origin == 'deepmind'
 
     @property
     def tag(self) -> Optional[str]:
-        """The pretrained tag the repo name carries after its dot (``nfnet_f0.dm_in1k`` -> ``dm_in1k``)."""
+        """The pretrained tag the repo name carries after its dot (``nfnet_f0.dm_in1k`` -> ``dm_in1k``).
+
+        Returns:
+            The tag, or None for a repo name without a dot.
+        """
         return self.repo_name.split('.', 1)[1] if '.' in self.repo_name else None
 
     def repo_id(self, namespace: str) -> str:
-        """``namespace/repo_name``, the Hub repo this release is published to."""
+        """``namespace/repo_name``, the Hub repo this release is published to.
+
+        Args:
+            namespace: a Hub user or organisation name.
+
+        Returns:
+            The repo id.
+
+        Raises:
+            ManifestError: an empty namespace, one with ``/``, or a repo id the Hub rejects.
+        """
         from huggingface_hub.utils import HFValidationError, validate_repo_id
         if not namespace or '/' in namespace:
             raise ManifestError(f'invalid Hub namespace {namespace!r}: expected a user or organisation name')
@@ -116,7 +155,17 @@ def _origin(value: Any, key: str, where: str) -> str:
 
 
 def load_manifest(path: Optional[Union[str, 'os.PathLike[str]']] = None) -> Dict[str, Release]:
-    """Read a manifest (the packaged one by default) into ``{key: Release}``."""
+    """Read a manifest (the packaged one by default) into ``{key: Release}``.
+
+    Args:
+        path: the manifest file; None for the packaged ``manifest.json``.
+
+    Returns:
+        The releases by key, in the file's order.
+
+    Raises:
+        ManifestError: a missing file, invalid JSON, an unknown format, or an invalid release entry.
+    """
     path = Path(path) if path is not None else DEFAULT_MANIFEST
     try:
         data = json.loads(path.read_text())
@@ -130,7 +179,18 @@ def load_manifest(path: Optional[Union[str, 'os.PathLike[str]']] = None) -> Dict
 
 
 def get_release(name: str, manifest: Optional[Union[str, 'os.PathLike[str]']] = None) -> Release:
-    """Look a release up by key (``F0``) or repo name (``nfnet_f0.dm_in1k``)."""
+    """Look a release up by key (``F0``) or repo name (``nfnet_f0.dm_in1k``).
+
+    Args:
+        name: the release key or repo name.
+        manifest: the manifest file; None for the packaged one.
+
+    Returns:
+        The release.
+
+    Raises:
+        ManifestError: the manifest cannot be read, or has no such release.
+    """
     releases = load_manifest(manifest)
     if name in releases:
         return releases[name]

@@ -39,6 +39,18 @@ def connect_hub(endpoint: Optional[str] = None, token: Optional[str] = None,
     """An ``HfApi`` with a token the endpoint accepts, and the account name; raises ``PublishError``.
 
     Warns when ``namespace`` is neither the account nor one of its organisations.
+
+    Args:
+        endpoint: the Hub endpoint (default: huggingface_hub's, ``$HF_ENDPOINT`` or huggingface.co).
+        token: a Hub token (default: ``$HF_TOKEN`` or the stored login).
+        namespace: the user or organisation to publish to, checked against the account.
+
+    Returns:
+        The ``HfApi`` and the account name.
+
+    Raises:
+        PublishError: no token, a token the endpoint rejects or that is read-only, or an
+            endpoint that cannot be reached.
     """
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
@@ -82,6 +94,20 @@ def upload_to_hub(api: Any, folder: Path, repo_id: str, message: str, files: Lis
     ``private`` applies when the repo is created; an existing repo keeps its visibility.
     huggingface_hub drops files whose content the repo already has and makes no commit when
     nothing is left, so publishing unchanged content twice leaves the repo as it was.
+
+    Args:
+        api: an ``HfApi`` (from :func:`connect_hub`).
+        folder: the release folder.
+        repo_id: the Hub repo.
+        message: the commit message.
+        files: the file names (or patterns) of ``folder`` to upload.
+        private: create the repo private.
+
+    Returns:
+        The repo's head commit id, and whether this call made a commit.
+
+    Raises:
+        PublishError: the repo cannot be created or the upload fails.
     """
     try:
         api.create_repo(repo_id, repo_type='model', exist_ok=True, private=private)
@@ -228,7 +254,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``timm-nfnet-hub``; returns the exit status (0 ok, 1 error, 2 usage)."""
+    """Entry point of ``timm-nfnet-hub``; returns the exit status (0 ok, 1 error, 2 usage).
+
+    Args:
+        argv: the command-line arguments; None reads ``sys.argv``.
+
+    Returns:
+        0 on success, 1 on an error (printed to stderr, without a traceback).
+
+    Raises:
+        SystemExit: bad usage (from argparse, exit status 2), or ``--help``.
+    """
     from .gitmirror import GitMirrorError
     args = _parser().parse_args(argv)
     try:

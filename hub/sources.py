@@ -38,13 +38,27 @@ class SourceError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    """Where downloaded sources are kept: ``$TIMM_NFNET_HUB_CACHE`` or ``~/.cache/timm_nfnet_hub``."""
+    """Where downloaded sources are kept: ``$TIMM_NFNET_HUB_CACHE`` or ``~/.cache/timm_nfnet_hub``.
+
+    Returns:
+        The cache folder (it may not exist yet).
+    """
     env = os.environ.get('TIMM_NFNET_HUB_CACHE')
     return Path(env) if env else Path.home() / '.cache' / 'timm_nfnet_hub'
 
 
 def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+    """Hex sha256 of a file, read in 1 MiB chunks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The lowercase hex digest.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(_CHUNK), b''):
@@ -63,6 +77,18 @@ def check_source_file(path: PathLike, size: Optional[int], sha256: Optional[str]
 
     Returns the file's sha256 when one was expected (and so computed), else None: a multi-GB
     source is only read for a hash that is checked or recorded.
+
+    Args:
+        path: the file.
+        size: the expected byte size, or None.
+        sha256: the expected hex sha256, or None.
+
+    Returns:
+        The file's sha256 if ``sha256`` was given, else None.
+
+    Raises:
+        SourceError: the size or the sha256 differs.
+        OSError: the file cannot be read.
     """
     actual = os.path.getsize(path)
     if size is not None and actual != size:
@@ -136,6 +162,19 @@ def resolve_source(
     The manifest's size and sha256 (or ``expected_size``) are enforced on DeepMind-format files;
     a safetensors copy (timm's or ours) is not the file they describe. Returns the path and its
     sha256 where checking computed it (None otherwise), so a multi-GB source is read once.
+
+    Args:
+        src: a local file, an ``http(s)://`` URL or ``hf-hub:ORG/NAME``; None for the manifest's URL.
+        release: the manifest entry (its URL, size and sha256).
+        cache_dir: where downloads are kept (default: :func:`default_cache_dir`).
+        expected_size: a byte size to enforce instead of the manifest's (then no sha256 is checked).
+
+    Returns:
+        The local path and its sha256, or None where none was computed.
+
+    Raises:
+        SourceError: no source given and none in the manifest, a missing file, a failed download
+            or Hub fetch, or a size or sha256 that differs.
     """
     size = expected_size if expected_size is not None else release.source_size
     sha = release.source_sha256 if expected_size is None else None

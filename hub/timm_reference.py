@@ -13,10 +13,15 @@ kernel, a misplaced gain) shows up as 1e-2 to 1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:  # for annotations only
+    from timm.models.nfnet import NfCfg
+
+    from timm_nfnet_ext.models import NfNetCfg
 
 __all__ = ['TimmReferenceError', 'timm_nfcfg', 'timm_reference_model']
 
@@ -36,8 +41,21 @@ def _single(values, name: str):
     return values[0]
 
 
-def timm_nfcfg(cfg, std_conv_eps: float = 1e-5):
-    """The timm ``NfCfg`` of the same architecture as this package's ``NfNetCfg`` (DeepMind NFNet layout)."""
+def timm_nfcfg(cfg: NfNetCfg, std_conv_eps: float = 1e-5) -> NfCfg:
+    """The timm ``NfCfg`` of the same architecture as this package's ``NfNetCfg`` (DeepMind NFNet layout).
+
+    Args:
+        cfg: this package's architecture.
+        std_conv_eps: the eps of timm's ``ScaledStdConv2d``.
+
+    Returns:
+        timm's config of the same network.
+
+    Raises:
+        TimmReferenceError: an architecture timm's NormFreeNet cannot express (stem widths not
+            derived from ``widths[0]``, other strides, the input-width bottleneck, per-stage group
+            widths or expansions that differ, or an activation timm has no gamma for).
+    """
     from timm.models.nfnet import NfCfg
     stem = cfg.widths[0] // 2
     if tuple(cfg.stem_widths) != (stem // 8, stem // 4, stem // 2):
@@ -77,6 +95,17 @@ def timm_reference_model(
 
     ``timm_model_name`` (e.g. ``dm_nfnet_f0``) builds timm's registered model; without it the
     architecture is translated from ``ours.cfg``.
+
+    Args:
+        ours: this package's model of the same architecture (an ``NFNet``).
+        timm_state: the weights in timm's layout.
+        timm_model_name: a registered timm model to build, or None to translate ``ours.cfg``.
+
+    Returns:
+        timm's model holding ``timm_state``, in eval mode.
+
+    Raises:
+        TimmReferenceError: an architecture timm cannot express, or weights that do not fit it.
     """
     import timm
     from timm.models.nfnet import NormFreeNet

@@ -49,6 +49,15 @@ class BuiltModel:
 
     ``checks`` are the console lines (with measured errors); ``proofs`` the same checks in words
     that do not depend on the machine, for the model card.
+
+    Attributes:
+        release: the manifest entry.
+        model: the loaded model, in eval mode.
+        source: the source checkpoint file.
+        source_layout: its layout (``deepmind``, ``timm`` or ``native``).
+        checks: the passed checks, as console lines.
+        proofs: the passed checks, for the model card.
+        outputs_checked: whether a check compared outputs or tensors with an independent source.
     """
     release: Release
     model: nn.Module
@@ -59,20 +68,48 @@ class BuiltModel:
     outputs_checked: bool = False
 
     def record(self, detail: str, proof: str, outputs: bool = False) -> None:
-        """Note a passed check; ``outputs`` when it compared outputs or tensors with an independent source."""
+        """Note a passed check; ``outputs`` when it compared outputs or tensors with an independent source.
+
+        Args:
+            detail: the console line.
+            proof: the model card's line.
+            outputs: the check compared outputs or tensors with an independent source.
+        """
         self.checks.append(detail)
         self.proofs.append(proof)
         self.outputs_checked |= outputs
 
 
 def fixed_input(model: nn.Module, size: int = FIXED_INPUT_SIZE, batch: int = 1) -> torch.Tensor:
-    """A seeded N(0, 1) batch: the same numbers on every run and machine."""
+    """A seeded N(0, 1) batch: the same numbers on every run and machine.
+
+    Args:
+        model: the model (its ``in_chans`` sets the channels).
+        size: height and width in pixels.
+        batch: the batch size.
+
+    Returns:
+        A float32 ``(batch, in_chans, size, size)`` tensor.
+    """
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch, model.in_chans, size, size, generator=gen)
 
 
 def check_outputs(got: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = OUTPUT_RTOL) -> float:
-    """Raise unless ``got`` reproduces ``expected`` to ``rtol`` of max(1, max |expected|); return the error."""
+    """Raise unless ``got`` reproduces ``expected`` to ``rtol`` of max(1, max |expected|); return the error.
+
+    Args:
+        got: the converted model's outputs.
+        expected: the reference outputs.
+        what: what is compared, for the error message.
+        rtol: the largest error allowed, relative to max(1, max |expected|).
+
+    Returns:
+        The relative error.
+
+    Raises:
+        ValidationError: the shapes differ, ``got`` is not finite, or the error exceeds ``rtol``.
+    """
     if got.shape != expected.shape:
         raise ValidationError(f'{what}: output shape {tuple(got.shape)} differs from {tuple(expected.shape)}')
     if not torch.isfinite(got).all():
@@ -160,6 +197,9 @@ def check_release_facts(release: Release) -> None:
     """A DeepMind release's sizes, parameter count, accuracy and source must be the variant
     table's (``timm_nfnet_ext.variants``): the manifest and the model card cannot drift from it.
 
+    Args:
+        release: the manifest entry (releases not from DeepMind pass unchecked).
+
     Raises:
         ValidationError: naming each field that differs.
     """
@@ -184,6 +224,22 @@ def build_and_validate(
     """Load ``src`` into the release's model and run every check that applies (see the module doc).
 
     ``cross_check_label`` names the second copy in messages and the card (default: its file name).
+
+    Args:
+        release: the manifest entry.
+        src: the source checkpoint file.
+        reference: a folder with DeepMind's ``input.npy`` and ``logits.npy`` to reproduce, if any.
+        cross_check: a second copy of the weights whose tensors must match, if any.
+        cross_check_label: how that copy is named.
+
+    Returns:
+        The model and the checks it passed.
+
+    Raises:
+        ValidationError: a check fails (release facts, parameter count, outputs, tensors).
+        CheckpointError: a source that cannot be read safely, or does not fit the architecture.
+        TimmReferenceError: the timm cross-check cannot build timm's model for these weights.
+        FileNotFoundError: ``src`` or ``cross_check`` does not exist.
     """
     check_release_facts(release)
     model, state, layout = load_model(src, release)

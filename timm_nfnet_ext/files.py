@@ -47,7 +47,15 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 def write_text_atomic(text: str, path: PathLike) -> Path:
-    """Writes a text file (UTF-8) through :func:`atomic_path`; returns its path."""
+    """Writes a text file (UTF-8) through :func:`atomic_path`; returns its path.
+
+    Args:
+        text: the file's content.
+        path: the file to write (replaced atomically if it exists).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding='utf-8')
     return Path(path)

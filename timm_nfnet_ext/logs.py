@@ -21,6 +21,9 @@ def command_output(level: int = logging.INFO) -> Iterator[None]:
 
     Args:
         level: the lowest level shown.
+
+    Yields:
+        None; the handler is removed and the logger restored when the block exits.
     """
     logger = logging.getLogger('timm_nfnet_ext')
     handler = logging.StreamHandler(sys.stdout)  # (the stdout of now: pytest's capture included)

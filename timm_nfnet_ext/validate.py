@@ -46,7 +46,11 @@ class ValidateError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, with timm ``validate.py``'s flag names."""
+    """The command line, with timm ``validate.py``'s flag names.
+
+    Returns:
+        The parser of ``timm-nfnet-validate``.
+    """
     p = argparse.ArgumentParser(
         prog='timm-nfnet-validate', description='ImageNet-style validation with DeepMind\'s eval '
         'preprocessing (or timm\'s), for this package\'s models and any timm model.')
@@ -178,6 +182,16 @@ def _collate(batch: List[Tuple[Optional[torch.Tensor], int, Optional[str]]]
 def validate(args: argparse.Namespace) -> Dict[str, Any]:
     """Evaluates ``args.model`` on a dataset; returns timm's results dict (plus this package's keys).
 
+    Args:
+        args: the parsed command line of :func:`build_parser` (``args.preprocess`` None is
+            resolved in place to ``'reference'`` for this package's models, else ``'timm'``).
+
+    Returns:
+        An ordered dict: ``model``, ``top1``, ``top1_err``, ``top5``, ``top5_err``, ``loss``,
+        ``param_count``, ``img_size``, ``crop_pct``, ``interpolation`` as timm's ``validate.py``
+        reports them, plus ``preprocess``, ``images``, ``skipped``, ``images_per_sec``, ``device``
+        and ``amp``.
+
     Raises:
         ValidateError: an unknown model, unloadable weights, a missing or empty dataset, labels
             outside the model's classes, or an unreadable image without ``--skip-bad-images``.
@@ -280,7 +294,17 @@ def write_results(results: Dict[str, Any], path: str, fmt: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``timm-nfnet-validate``; returns the exit code (0, or 1 on an error)."""
+    """Entry point of ``timm-nfnet-validate``; returns the exit code (0, or 1 on an error).
+
+    Args:
+        argv: the command-line arguments; None reads ``sys.argv``.
+
+    Returns:
+        0 on success, 1 when validation fails (the error is printed to stderr).
+
+    Raises:
+        SystemExit: bad flags (from argparse, exit status 2), or ``--help``.
+    """
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         build_parser().error('--batch-size must be >= 1')

@@ -51,12 +51,20 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """The registered model name, ``nfnet_fN``."""
+        """The registered model name, ``nfnet_fN``.
+
+        Returns:
+            The name, e.g. ``nfnet_f0``.
+        """
         return f'nfnet_f{self.index}'
 
     @property
     def weights_url(self) -> Optional[str]:
-        """DeepMind's release of the weights (a dill pickle despite the ``.npz``), if any."""
+        """DeepMind's release of the weights (a dill pickle despite the ``.npz``), if any.
+
+        Returns:
+            The download URL, or None for a variant without released weights (F7).
+        """
         if self.top1 is None:
             return None
         return f'https://storage.googleapis.com/dm-nfnets/F{self.index}_haiku.npz'
@@ -96,5 +104,12 @@ def variant_of(model_name: str) -> Optional[Variant]:
 
 
 def reference_crop_pct(size: int) -> float:
-    """timm's ``crop_pct`` for the reference's resize-to-S+32-then-crop-S at crop size ``size``."""
+    """timm's ``crop_pct`` for the reference's resize-to-S+32-then-crop-S at crop size ``size``.
+
+    Args:
+        size: the crop size S in pixels.
+
+    Returns:
+        ``S / (S + 32)``, the fraction of the resized image the centre crop keeps.
+    """
     return size / (size + REFERENCE_PADDING)

@@ -1,9 +1,9 @@
 """The reference's tanh-GELU, fast on CPU: ``gelu_tanh``.
 
 DeepMind's NFNets use JAX's ``gelu``, the tanh approximation. ATen's CPU kernels for it (forward
-and backward) spend most of their time in a vectorised ``tanh`` that is ~3.5x slower than its
-``sigmoid`` on AVX2 CPUs, a third of the speed of the exact-erf GELU timm uses (which is a
-different function, so not an option here). The same function is written on ``sigmoid``::
+and backward) spend most of their time in a vectorised ``tanh`` that is much slower than its
+``sigmoid`` on AVX2 CPUs, and slower than the exact-erf GELU timm uses (which is a different
+function, so not an option here; measured: docs/performance.md). The same function is written on ``sigmoid``::
 
     x/2 (1 + tanh(a (x + b x^3))) == x * sigmoid(x (2a + 2ab x^2))      (sigmoid(2z) = (1 + tanh z)/2)
 
@@ -148,9 +148,21 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     - with autograd, ``_GeluTanhCPU`` does the same forward, writing the derivative alongside, and
       its backward is one multiply;
     - while ``torch.compile`` traces for a CPU, that form is given to inductor, whose fused loop
-      then runs on ``exp`` (F0 compiled inference, batch 8, 256 px: ~12% faster end to end).
+      then runs on ``exp`` (faster end to end; measured: docs/performance.md).
     Everything else (other devices and dtypes, non-dense layouts, functorch and forward-AD
     tensors, ``torch.jit.trace`` and ONNX export, ``accel.configure(gelu=False)``) uses ATen's kernels.
+
+    Args:
+        x: any tensor.
+        inplace: overwrite ``x`` with the result where autograd allows it (while autograd
+            records ``x``: not on a leaf, nor on a view).
+
+    Returns:
+        The tanh-GELU of ``x`` (``x`` itself when computed in place).
+
+    Raises:
+        RuntimeError: in the backward pass, a double backward (``create_graph=True``) through the
+            fast CPU path; switch it off first with ``accel.configure(gelu=False)``.
     """
     if _is_compiling():
         return _gelu_tanh_sigmoid(x) if x.device.type == 'cpu' else F.gelu(x, approximate='tanh')

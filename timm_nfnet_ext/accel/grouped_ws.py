@@ -2,8 +2,9 @@
 
 Why: standardising one conv's weight is about 25 small kernels per training step (about 10
 forward, 15 backward). On a GPU these are launch-bound host time, not arithmetic: NFNet-F0
-has 57 weight-standardised convs, and with them a training step issues about 2.3x as many
-kernels as timm's ``dm_nfnet_f0``, whose standardisation is one (inexact) ``batch_norm``.
+has 57 weight-standardised convs, and with them a training step issues many more kernels than
+timm's ``dm_nfnet_f0``, whose standardisation is one (inexact) ``batch_norm`` (measured:
+docs/performance.md).
 
 Here the convs of one network segment (the stem, a stage, the final conv) that share a fan-in
 are standardised together: their weights are stacked into one ``(rows, fan_in)`` matrix and
@@ -122,7 +123,13 @@ class _StandardizeRows(torch.autograd.Function):
 
 
 class WSGroup(NamedTuple):
-    """Convs standardised together: one segment, one fan-in, eps, device, dtype and layout."""
+    """Convs standardised together: one segment, one fan-in, eps, device, dtype and layout.
+
+    Attributes:
+        convs: the convs, in the order their weights are stacked.
+        eps: their common floor of ``var * fan_in``.
+        channels_last: whether their weights are laid out channels_last.
+    """
     convs: Tuple[WSConv2d, ...]
     eps: float
     channels_last: bool
@@ -139,6 +146,12 @@ def plan_groups(segments: Sequence[Sequence[WSConv2d]]) -> List[WSGroup]:
     Convs with forward pre-hooks are left out (they standardise their own weight): such a hook
     may set the weight just before the conv runs (``torch.nn.utils.prune``, parameter gathering
     in ZeRO-3), after the group would have read it.
+
+    Args:
+        segments: the convs of each network segment (the stem, a stage, the final conv).
+
+    Returns:
+        The groups, segment by segment; a conv is in at most one.
     """
     groups = []
     for segment in segments:
@@ -165,6 +178,13 @@ def standardize_group(group: WSGroup) -> List[Tuple[torch.Tensor, torch.Tensor]]
     The weights are computed in the parameters' dtype with autocast off; when autocast is on,
     weights and biases are then cast together to its dtype, as autocast would cast each conv's
     (float64 is never cast, as with autocast).
+
+    Args:
+        group: convs from :func:`plan_groups`.
+
+    Returns:
+        One ``(weight, bias)`` pair per conv of ``group``, in its order, each weight shaped (and
+        laid out) like the conv's.
     """
     convs = group.convs
     weights = [c.weight for c in convs]
@@ -207,7 +227,14 @@ class _Session:
 @contextlib.contextmanager
 def standardized_once(groups: Sequence[WSGroup]) -> Iterator[None]:
     """Inside the block (in this thread), the convs of ``groups`` apply weights standardised with
-    their group; other convs, and calls outside the block, standardise their own."""
+    their group; other convs, and calls outside the block, standardise their own.
+
+    Args:
+        groups: the groups of one model forward, from :func:`plan_groups`.
+
+    Yields:
+        None; the thread's previous hook is restored on exit.
+    """
     previous = GROUPED.take
     GROUPED.take = _Session(groups).take
     try:

@@ -67,6 +67,14 @@ class FastActivation(_Scriptable, Activation):
     """``Activation`` with the CPU tanh-GELU and, where ``inplace`` is set, in-place forms."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Applies the activation, in place where ``inplace`` is set and autograd allows it.
+
+        Args:
+            x: any tensor.
+
+        Returns:
+            ``scale * activation(x)`` (possibly ``x`` itself, overwritten).
+        """
         tracked = x.requires_grad and torch.is_grad_enabled()
         if self.name == 'gelu':
             y = gelu_tanh(x, inplace=self.inplace)  # decides for itself what autograd allows
@@ -86,9 +94,22 @@ class FastWSConv2d(_Scriptable, WSConv2d):
     its group (``grouped_ws.py``) inside an ``AcceleratedNFNet``'s forward."""
 
     def standardized_weight(self) -> torch.Tensor:
+        """The weight the conv applies, as ``WSConv2d.standardized_weight`` (the fast CPU path).
+
+        Returns:
+            The standardised weight, shaped like ``self.weight`` (differentiable).
+        """
         return fast_standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolves with the standardised weight (its group's, where one was computed), 'SAME' padding.
+
+        Args:
+            x: NCHW input.
+
+        Returns:
+            The conv's output.
+        """
         take = None if torch.compiler.is_compiling() else GROUPED.take
         packed = take(self) if take is not None else None  # this conv's weight, standardised with its group
         if packed is not None:
@@ -124,8 +145,9 @@ class AcceleratedNFNet(_Scriptable, NFNet):
     def set_grouped_ws(self, enable: Optional[bool] = True) -> None:
         """Standardise conv weights in groups, once per forward (``grouped_ws.py``).
 
-        ``None`` (the default) picks it when the weights are on a GPU, where it saves about a
-        thousand kernel launches per F0 training step; on a CPU the per-conv path is faster.
+        ``None`` (the default) picks it when the weights are on a GPU, where it saves many kernel
+        launches per training step; on a CPU the per-conv path is faster (measured:
+        docs/performance.md).
         The numbers are the reference's either way. It is off, whatever is set here, where a
         block's forward may be run again or the weights are not all in place when the first
         conv of a group runs: under gradient checkpointing (``set_grad_checkpointing``, or
@@ -170,13 +192,38 @@ class AcceleratedNFNet(_Scriptable, NFNet):
         return standardized_once(plan_groups(segments))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``NFNet.forward_features``, the convs it runs grouped where that applies.
+
+        Args:
+            x: the input batch, NCHW.
+
+        Returns:
+            The final feature map, before pooling.
+
+        Raises:
+            ValueError: an invalid input (see ``NFNet.check_input``).
+        """
         with self._standardized_once(x, self.stages):
             return super().forward_features(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, **kwargs: Any
                               ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """``NFNet.forward_intermediates`` (same arguments), the convs it runs grouped."""
+        """``NFNet.forward_intermediates`` (same arguments), the convs it runs grouped.
+
+        Args:
+            x: the input batch, NCHW.
+            indices: which taps: None for all, an int ``n`` for the last ``n``, or a list.
+            norm: unused (NFNets have no final norm).
+            stop_early: stop after the deepest stage that is taken.
+            **kwargs: ``output_fmt`` and ``intermediates_only``, as ``NFNet.forward_intermediates``.
+
+        Returns:
+            As ``NFNet.forward_intermediates``: the intermediates, or the final map and them.
+
+        Raises:
+            ValueError: an index out of range, an ``output_fmt`` other than NCHW, or an invalid input.
+        """
         _, max_index = feature_indices(len(self.stages) + 1, indices)
         stages = self.stages if not stop_early else self.stages[:max_index]
         with self._standardized_once(x, stages, final=len(stages) == len(self.stages)):

@@ -43,7 +43,11 @@ CONV_POINTWISE = _find_op(getattr(torch.ops, 'mkldnn', None), '_convolution_poin
 
 
 def onednn_available() -> bool:
-    """Whether this PyTorch has the oneDNN ops ``PrepackedConv2d`` runs on."""
+    """Whether this PyTorch has the oneDNN ops ``PrepackedConv2d`` runs on.
+
+    Returns:
+        True where oneDNN is available and both private ops were found.
+    """
     return torch.backends.mkldnn.is_available() and REORDER_WEIGHT is not None and CONV_POINTWISE is not None
 
 
@@ -88,6 +92,13 @@ class PrepackedConv2d(nn.Conv2d):
     ``inference_mode``, which keeps no version count): call ``prepack_for_cpu`` again after that.
     Where this PyTorch lacks the private oneDNN ops, or they raise for this conv, and under
     TorchScript, every call is the plain conv.
+
+    Args:
+        conv: the conv to wrap (its weight and bias are shared).
+
+    Raises:
+        TypeError: ``conv`` is not an ``nn.Conv2d`` with zero padding given in pixels, nor a
+            ``SameConv2d`` of dilation 1 and square stride.
     """
 
     def __init__(self, conv: nn.Conv2d):
@@ -134,6 +145,14 @@ class PrepackedConv2d(nn.Conv2d):
             t is not None and t.requires_grad for t in (x, self.weight, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv, on the reordered weight where that applies (see the class).
+
+        Args:
+            x: NCHW input.
+
+        Returns:
+            The conv's output, equal to the plain conv's.
+        """
         if torch.jit.is_scripting():  # TorchScript: the plain conv (the reordered weight is Python state)
             if self.same_padding:
                 return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups, self.dilation[0])
@@ -157,6 +176,11 @@ class PrepackedConv2d(nn.Conv2d):
             return None
 
     def extra_repr(self) -> str:
+        """The module's summary in ``repr``: ``nn.Conv2d``'s, with 'SAME' padding where it applies.
+
+        Returns:
+            The summary string.
+        """
         return super().extra_repr() + (", padding='SAME'" if self.same_padding else '')
 
 
@@ -168,6 +192,13 @@ def prepack_for_cpu(model: nn.Module, inplace: bool = False) -> nn.Module:
     CPU inference under ``torch.no_grad()`` or ``torch.inference_mode()`` runs oneDNN's conv on
     a weight reordered once (per input shape) instead of on every call. Outputs equal the fused
     model's. Returns a copy (unless ``inplace``) in eval mode: it is meant for inference.
+
+    Args:
+        model: the model, e.g. an NFNet of this package.
+        inplace: fuse and wrap ``model`` itself instead of a deep copy.
+
+    Returns:
+        The fused, prepacked model, in eval mode.
 
     Raises:
         RuntimeError: this PyTorch has no oneDNN (``torch.backends.mkldnn``) ops.

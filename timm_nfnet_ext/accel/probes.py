@@ -41,6 +41,9 @@ def functorch_active() -> bool:
 
     torch's own answer where it has one; True where it has none or the query fails, so that
     the speed paths step aside (they are only an optimisation).
+
+    Returns:
+        True if a transform may be active.
     """
     probe = FUNCTORCH_PROBE
     if probe is None:
@@ -55,6 +58,9 @@ def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
 
     True where this torch keeps no readable level, so that the speed paths step aside.
+
+    Returns:
+        True if a dual level may be open.
     """
     if not FORWARD_AD_LEVEL_READABLE:
         return True
@@ -69,14 +75,28 @@ def _autocast_exists(device_type: str) -> bool:
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """A context with autocast off on ``device_type`` (nothing to turn off where autocast does not exist)."""
+    """A context with autocast off on ``device_type`` (nothing to turn off where autocast does not exist).
+
+    Args:
+        device_type: a device type, e.g. ``'cuda'`` or ``'cpu'``.
+
+    Returns:
+        ``torch.autocast(device_type, enabled=False)``, or a null context.
+    """
     if _autocast_exists(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast gives convs on ``device_type``, or None when autocast is off there."""
+    """The dtype autocast gives convs on ``device_type``, or None when autocast is off there.
+
+    Args:
+        device_type: a device type, e.g. ``'cuda'`` or ``'cpu'``.
+
+    Returns:
+        The autocast dtype, or None.
+    """
     if not _autocast_exists(device_type):
         return None
     if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4
@@ -117,10 +137,24 @@ def _ask(query: Callable[[torch.Tensor], bool] | None, x: torch.Tensor) -> bool:
 
 
 def functorch_wrapped(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a functorch wrapper (inside vmap / grad); True where torch cannot say."""
+    """Whether ``x`` is a functorch wrapper (inside vmap / grad); True where torch cannot say.
+
+    Args:
+        x: any tensor.
+
+    Returns:
+        True if ``x`` is (or may be) wrapped.
+    """
     return _ask(FUNCTORCH_WRAPPED_QUERY, x)
 
 
 def is_view(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a view (autograd forbids some in-place ops on it); True where torch cannot say."""
+    """Whether ``x`` is a view (autograd forbids some in-place ops on it); True where torch cannot say.
+
+    Args:
+        x: any tensor.
+
+    Returns:
+        True if ``x`` is (or may be) a view.
+    """
     return _ask(IS_VIEW_QUERY, x)

@@ -56,7 +56,14 @@ def chunked_step(opt: SGDAGC, closure: Optional[Callable[[], Any]] = None) -> An
 
 def applies(opt: SGDAGC) -> bool:
     """Whether ``chunked_step`` runs ``opt.step``: switched on, on CPU only, and not with torch's
-    fused or differentiable SGD."""
+    fused or differentiable SGD.
+
+    Args:
+        opt: the optimizer.
+
+    Returns:
+        True if every parameter qualifies.
+    """
     return switches.sgd and all(_clip._immediate(p.device) and not g.get('fused') and not g.get('differentiable')
                                 for g in opt.param_groups for p in g['params'])
 

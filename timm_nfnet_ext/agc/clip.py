@@ -71,6 +71,12 @@ def unitwise_norm(x: Tensor) -> Tensor:
     dimensions have one unit per index of dim 0, the output dimension of PyTorch linear
     and conv weights (returns shape ``(x.shape[0], 1, ..., 1)``, broadcastable to ``x``).
     The result is float32 (float64 for float64 input).
+
+    Args:
+        x: a parameter or gradient.
+
+    Returns:
+        The norms: a 0-d tensor, or one per unit, shaped to broadcast against ``x``.
     """
     dtype = _norm_dtype(x.dtype)
     if x.ndim <= 1:
@@ -251,7 +257,11 @@ class ClipCounts:
         self.units = 0
 
     def pop(self) -> Tuple[int, int]:
-        """``(clipped, units)`` since the last pop, then reset."""
+        """``(clipped, units)`` since the last pop, then reset.
+
+        Returns:
+            The units clipped and the units looked at.
+        """
         out = (self.clipped, self.units)
         self.clipped = self.units = 0
         return out

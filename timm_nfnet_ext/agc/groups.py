@@ -78,9 +78,20 @@ def agc_param_groups(
     param_group_fn=agc_param_groups)``. DDP / DataParallel / compiled wrappers are
     looked through.
 
+    Args:
+        model: the model (or a DDP / DataParallel / compiled wrapper of it).
+        weight_decay: weight decay of the decayed groups; None inherits the optimizer's.
+        clipping: AGC clipping of the clipped groups; None inherits the optimizer's.
+        no_weight_decay_list: more fnmatch patterns of parameter names not to decay.
+
+    Returns:
+        Up to three parameter groups (decayed and clipped; not decayed and clipped; the
+        classifier weight, decayed and unclipped), empty ones left out.
+
     Raises:
         ValueError: the model has no ``get_classifier()`` or no classifier weight, or
             ``weight_decay`` < 0, or ``clipping`` <= 0.
+        TypeError: ``clipping`` is not a number.
     """
     model = _unwrap(model)
     head_weights = {id(w) for w in _classifier_weights(model)}

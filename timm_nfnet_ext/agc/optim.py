@@ -46,9 +46,19 @@ class AGCMixin:
     leaving parameters and optimizer state untouched, warns, and counts it in
     ``skipped_steps``. Under ``GradScaler`` such steps never reach ``step()``.
 
-    Keyword args added to the base class's: ``clipping`` (default 0.01; > 0, or None
-    to clip no group unless it sets its own), ``agc_eps`` (default 1e-3, > 0; named
-    so as not to clash with Adam's ``eps``), ``nonfinite`` ('raise' or 'skip').
+    Args:
+        params: the parameters or parameter groups, as for the base optimizer.
+        *args: the base optimizer's positional arguments.
+        clipping: keyword added to the base class's (default 0.01; > 0, or None to clip no
+            group unless it sets its own).
+        agc_eps: keyword added (default 1e-3, > 0; named so as not to clash with Adam's ``eps``).
+        nonfinite: keyword added, 'raise' or 'skip'.
+        **kwargs: the base optimizer's keyword arguments.
+
+    Raises:
+        TypeError: ``clipping`` or ``agc_eps`` (of the defaults or of a group) is not a number.
+        ValueError: ``clipping`` or ``agc_eps`` is not finite and > 0, or ``nonfinite`` is not
+            'raise' or 'skip'.
     """
 
     def __init__(self, params: Any, *args: Any, clipping: Optional[float] = 0.01,
@@ -66,7 +76,16 @@ class AGCMixin:
         self._step_supports_amp_scaling = False
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a group; it may set ``clipping`` (> 0 or None) and ``agc_eps`` (> 0)."""
+        """Add a group; it may set ``clipping`` (> 0 or None) and ``agc_eps`` (> 0).
+
+        Args:
+            param_group: the group, as for ``torch.optim.Optimizer.add_param_group``; missing
+                AGC keys take the optimizer's defaults.
+
+        Raises:
+            TypeError: the group's ``clipping`` or ``agc_eps`` is not a number.
+            ValueError: the group's ``clipping`` or ``agc_eps`` is not finite and > 0.
+        """
         for key, value in self._agc_defaults.items():
             param_group.setdefault(key, value)
         _validate_group(param_group)
@@ -98,7 +117,18 @@ class AGCMixin:
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Evaluate ``closure`` (if given), clip gradients, then take the base step."""
+        """Evaluate ``closure`` (if given), clip gradients, then take the base step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as for any torch optimizer).
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            FloatingPointError: a gradient holds inf or NaN and ``nonfinite='raise'`` (no
+                parameter or state was modified).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -137,7 +167,11 @@ class AGCMixin:
     def pop_clip_stats(self) -> Tuple[int, int]:
         """``(clipped, units)``: AGC units whose gradient was clipped, and units looked at,
         summed over the steps taken since the last call (skipped steps count neither).
-        Host integers, taken from the flags each step reads back anyway: no sync here."""
+        Host integers, taken from the flags each step reads back anyway: no sync here.
+
+        Returns:
+            The units clipped and the units looked at.
+        """
         return self._clip_counts.pop()
 
     def _locate(self, grad: Tensor) -> str:
@@ -165,6 +199,22 @@ class SGDAGC(AGCMixin, torch.optim.SGD):
     On CPU, ``accel/sgd.py`` runs the update chunk by chunk right after each chunk is clipped
     (bit-identical to clipping and then ``torch.optim.SGD.step``; switch:
     ``accel.configure(sgd=False)``).
+
+    Args:
+        params: the parameters or parameter groups (e.g. :func:`agc_param_groups`).
+        lr: learning rate.
+        momentum: momentum factor.
+        dampening: momentum dampening (the reference: 0).
+        weight_decay: L2 weight decay, added to the clipped gradient.
+        nesterov: Nesterov momentum.
+        clipping: AGC clipping threshold (> 0), or None to clip no group unless it sets its own.
+        agc_eps: AGC's floor of the parameter norm (> 0).
+        nonfinite: 'raise' or 'skip' on an inf/NaN gradient.
+        **kwargs: other ``torch.optim.SGD`` keywords (``foreach``, ``fused``, ``maximize``, ...).
+
+    Raises:
+        TypeError: ``clipping`` or ``agc_eps`` is not a number.
+        ValueError: an invalid AGC setting, or one ``torch.optim.SGD`` rejects.
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9,
@@ -184,6 +234,9 @@ class SGDAGC(AGCMixin, torch.optim.SGD):
 
         Returns:
             The closure's loss, or None.
+
+        Raises:
+            FloatingPointError: a gradient holds inf or NaN and ``nonfinite='raise'``.
         """
         from ..accel import sgd as fast_sgd  # (imported here: accel imports the models, which import nothing of agc)
         if fast_sgd.applies(self):
@@ -214,6 +267,15 @@ def with_agc(optimizer_cls: Type[Optimizer]) -> Type[Optimizer]:
 
         LionAGC = with_agc(timm.optim.Lion)
         opt = LionAGC(agc_param_groups(model), lr=1e-4, clipping=0.01)
+
+    Args:
+        optimizer_cls: the optimizer class.
+
+    Returns:
+        The AGC class (``optimizer_cls`` itself if it already has AGC).
+
+    Raises:
+        TypeError: ``optimizer_cls`` is not a ``torch.optim.Optimizer`` subclass.
     """
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
         raise TypeError(f'with_agc needs a torch.optim.Optimizer subclass, got {optimizer_cls!r}')

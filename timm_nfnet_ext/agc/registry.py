@@ -66,6 +66,12 @@ def register_agc_optimizer(
 
     Returns:
         The registered ``OptimInfo``.
+
+    Raises:
+        RuntimeError: this timm has no optimizer registry and none was passed.
+        ValueError: ``name`` is not lowercase without ``_``, or ``base`` is a name the registry
+            does not know.
+        TypeError: ``base`` is neither a name nor a ``torch.optim.Optimizer`` subclass.
     """
     if OptimInfo is None:
         raise RuntimeError('this timm has no optimizer registry (timm.optim.OptimInfo); upgrade timm')

@@ -52,7 +52,14 @@ class FileImageDataset(Dataset):
         return len(self.dataset)
 
     def name(self, index: int) -> str:
-        """The sample's file path (or a description for datasets without files)."""
+        """The sample's file path (or a description for datasets without files).
+
+        Args:
+            index: the sample's index.
+
+        Returns:
+            The absolute path, or ``ClassName[index]``.
+        """
         if self._reader is not None:
             return str(self.dataset.filename(index, absolute=True))
         if self._samples is not None:

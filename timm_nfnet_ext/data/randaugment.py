@@ -115,6 +115,12 @@ def auto_contrast(image: torch.Tensor) -> torch.Tensor:
     """Stretch each channel to [0, 255]: ``x * s - lo * s`` with ``s = 255 / (hi - lo)`` in float32.
 
     torchvision scales ``(x - lo) * s``, which rounds differently; constant channels are kept.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
     """
     flat = image.reshape(3, -1)
     los, his = flat.min(1).values.tolist(), flat.max(1).values.tolist()
@@ -128,7 +134,14 @@ def auto_contrast(image: torch.Tensor) -> torch.Tensor:
 
 
 def equalize(image: torch.Tensor) -> torch.Tensor:
-    """PIL's equalize per channel: a LUT from the cumulative histogram, step ignoring the last bin."""
+    """PIL's equalize per channel: a LUT from the cumulative histogram, step ignoring the last bin.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     pixels = image.numpy()
     luts = np.tile(_VALUES, (3, 1))  # identity where the step is 0
     for c in range(3):
@@ -142,28 +155,68 @@ def equalize(image: torch.Tensor) -> torch.Tensor:
 
 
 def invert(image: torch.Tensor) -> torch.Tensor:
-    """``255 - x``."""
+    """``255 - x``.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return _apply_lut(image, 255 - _VALUES)
 
 
 def posterize(image: torch.Tensor, bits: int) -> torch.Tensor:
-    """Keep the top ``bits`` bits; the shift ``8 - bits`` is a uint8 clamped to 0..7 as in TF."""
+    """Keep the top ``bits`` bits; the shift ``8 - bits`` is a uint8 clamped to 0..7 as in TF.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        bits: the bits to keep.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     shift = min((8 - int(bits)) % 256, 7)
     return _apply_lut(image, (_VALUES >> shift) << shift)
 
 
 def solarize(image: torch.Tensor, threshold: int) -> torch.Tensor:
-    """Invert pixels ``>= threshold``; the threshold wraps mod 256 as TF's uint8 constant does."""
+    """Invert pixels ``>= threshold``; the threshold wraps mod 256 as TF's uint8 constant does.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        threshold: pixels at or above it are inverted.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return _apply_lut(image, np.where(_VALUES < int(threshold) % 256, _VALUES, 255 - _VALUES))
 
 
 def solarize_add(image: torch.Tensor, addition: int, threshold: int = 128) -> torch.Tensor:
-    """Add ``addition`` (clipped to [0, 255]) to pixels below ``threshold``."""
+    """Add ``addition`` (clipped to [0, 255]) to pixels below ``threshold``.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        addition: the value added (the sum is clipped to [0, 255]).
+        threshold: only pixels below it change.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return _apply_lut(image, np.where(_VALUES < threshold, np.clip(_VALUES + int(addition), 0, 255), _VALUES))
 
 
 def color(image: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend with the image's grey version (TF's grayscale rounding)."""
+    """Blend with the image's grey version (TF's grayscale rounding).
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        factor: the blend factor (0: grey, 1: the image, above 1 extrapolates).
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return blend(_grayscale(image).expand(3, -1, -1), image, factor)
 
 
@@ -174,13 +227,29 @@ def _constant_blend(image: torch.Tensor, level: int, factor: float) -> torch.Ten
 
 def contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
     """Blend with a constant ``min(H * W / 256, 255)`` image: the reference's mean is the sum of
-    the grey histogram's counts over 256, not the mean grey level; kept as trained."""
+    the grey histogram's counts over 256, not the mean grey level; kept as trained.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        factor: the blend factor (0: the constant image, 1: the image).
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     level = min(_F32(image.shape[1] * image.shape[2]) / _F32(256.0), _F32(255.0))
     return _constant_blend(image, int(level), factor)
 
 
 def brightness(image: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend with black."""
+    """Blend with black.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        factor: the blend factor (0: black, 1: the image).
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return _constant_blend(image, 0, factor)
 
 
@@ -193,6 +262,13 @@ def sharpness(image: torch.Tensor, factor: float) -> torch.Tensor:
 
     The 3x3 kernel is summed tap by tap, rows first, in float32 (a fixed order, unlike a conv
     backend's), then clipped and truncated.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        factor: the blend factor (0: smoothed, 1: the image).
+
+    Returns:
+        The uint8 result, shaped like ``image``.
     """
     _, h, w = image.shape
     degenerate = image.clone()
@@ -238,11 +314,20 @@ def _transform(image: torch.Tensor, matrix: Sequence[float], fill: int) -> torch
     _, h, w = image.shape
     index = _source_index(h, w, tuple(float(_F32(v)) for v in matrix))
     padded = torch.cat([image.reshape(3, h * w), image.new_full((3, 1), fill)], 1)
-    return torch.take(padded, index).view(3, h, w)  # take: ~8x faster than advanced indexing
+    return torch.take(padded, index).view(3, h, w)  # take: faster than advanced indexing
 
 
 def rotate(image: torch.Tensor, degrees: float, fill: int = FILL) -> torch.Tensor:
-    """Rotate about the centre by ``degrees`` (tfa's ``angles_to_projective_transforms``)."""
+    """Rotate about the centre by ``degrees`` (tfa's ``angles_to_projective_transforms``).
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        degrees: the angle, as tfa's ``rotate`` takes it (in degrees here, not radians).
+        fill: the value of pixels read from outside the image.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     _, h, w = image.shape
     radians = _F32(degrees) * _F32(math.pi / 180.0)
     cos, sin = np.cos(radians, dtype=_F32), np.sin(radians, dtype=_F32)
@@ -253,22 +338,58 @@ def rotate(image: torch.Tensor, degrees: float, fill: int = FILL) -> torch.Tenso
 
 
 def shear_x(image: torch.Tensor, level: float, fill: int = FILL) -> torch.Tensor:
-    """Input x = ``x + level * y``."""
+    """Input x = ``x + level * y``.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        level: the shear factor.
+        fill: the value of pixels read from outside the image.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return _transform(image, (1.0, level, 0.0, 0.0, 1.0, 0.0), fill)
 
 
 def shear_y(image: torch.Tensor, level: float, fill: int = FILL) -> torch.Tensor:
-    """Input y = ``level * x + y``."""
+    """Input y = ``level * x + y``.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        level: the shear factor.
+        fill: the value of pixels read from outside the image.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return _transform(image, (1.0, 0.0, 0.0, level, 1.0, 0.0), fill)
 
 
 def translate_x(image: torch.Tensor, pixels: float, fill: int = FILL) -> torch.Tensor:
-    """Input x = ``x + pixels`` (the content moves left for positive ``pixels``)."""
+    """Input x = ``x + pixels`` (the content moves left for positive ``pixels``).
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        pixels: the shift.
+        fill: the value of pixels read from outside the image.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return _transform(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
 
 
 def translate_y(image: torch.Tensor, pixels: float, fill: int = FILL) -> torch.Tensor:
-    """Input y = ``y + pixels`` (the content moves up for positive ``pixels``)."""
+    """Input y = ``y + pixels`` (the content moves up for positive ``pixels``).
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        pixels: the shift.
+        fill: the value of pixels read from outside the image.
+
+    Returns:
+        The uint8 result, shaped like ``image``.
+    """
     return _transform(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
 
 
@@ -277,6 +398,16 @@ def cutout(image: torch.Tensor, pad_size: int, generator: np.random.Generator,
     """Fill rows ``[cy - p, cy + p)`` x columns ``[cx - p, cx + p)`` (clipped) with ``fill``.
 
     The centre ``(cy, cx)`` is uniform over the pixels unless ``center`` is given.
+
+    Args:
+        image: uint8 ``(3, H, W)`` tensor.
+        pad_size: half the side of the square, ``p``.
+        generator: draws the centre.
+        fill: the value written into the square.
+        center: ``(cy, cx)``, instead of a random centre.
+
+    Returns:
+        A new uint8 tensor (``image`` is not modified).
     """
     _, h, w = image.shape
     cy, cx = center if center is not None else (int(generator.integers(0, h)), int(generator.integers(0, w)))

@@ -74,7 +74,14 @@ class ReferenceEvalTransform:
         return self.from_array(hwc)
 
     def from_array(self, image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-        """Resize, crop and normalise an already decoded uint8 ``(H, W, 3)`` image."""
+        """Resize, crop and normalise an already decoded uint8 ``(H, W, 3)`` image.
+
+        Args:
+            image: a uint8 ``(H, W, 3)`` numpy array or tensor.
+
+        Returns:
+            ``(3, S, S)`` float32 tensor, normalised, unclamped.
+        """
         if isinstance(image, np.ndarray) and (not image.flags.writeable or min(image.strides) < 0):
             image = np.array(image, order='C')  # a copy: torch wraps only writable, forward-strided arrays
         hwc = torch.as_tensor(image)
@@ -95,6 +102,13 @@ class ReferenceEvalTransform:
 
 def to_rgb_array(image: ImageInput) -> np.ndarray:
     """Any accepted input as a uint8 ``(H, W, 3)`` array, decoding encoded images as TF does.
+
+    Args:
+        image: a path, a binary file object, encoded bytes, a PIL image, a uint8 numpy array
+            (``(H, W, 3)`` or ``(H, W)``) or a uint8 tensor (``(3, H, W)`` or ``(H, W, 3)``).
+
+    Returns:
+        A uint8 ``(H, W, 3)`` array.
 
     Raises:
         ImageDecodeError: as :func:`decode_image`, or a path that cannot be read.

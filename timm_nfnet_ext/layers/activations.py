@@ -131,8 +131,21 @@ class Activation(nn.Module):
         self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Applies the activation.
+
+        Args:
+            x: any tensor.
+
+        Returns:
+            ``scale * activation(x)``, a new tensor shaped like ``x``.
+        """
         y = apply_activation(x, self.name)
         return y if self.scale == 1.0 else y * self.scale
 
     def extra_repr(self) -> str:
+        """The module's summary in ``repr``.
+
+        Returns:
+            The name, then ``scale`` and ``inplace`` where they are not the defaults.
+        """
         return self.name + (f', scale={self.scale}' if self.scale != 1.0 else '') + (', inplace' if self.inplace else '')

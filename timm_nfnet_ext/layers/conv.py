@@ -87,9 +87,20 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 @register_notrace_module
 class SameConv2d(nn.Conv2d):
     """A plain ``nn.Conv2d`` with XLA 'SAME' padding decided from the input size: what
-    ``WSConv2d.fuse()`` returns for strided convs, whose padding depends on the input's parity."""
+    ``WSConv2d.fuse()`` returns for strided convs, whose padding depends on the input's parity.
+
+    Takes ``nn.Conv2d``'s arguments (its ``padding`` is ignored).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Applies the conv with 'SAME' padding.
+
+        Args:
+            x: NCHW input.
+
+        Returns:
+            The conv's output, ``ceil(size / stride)`` in height and width.
+        """
         return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups, self.dilation[0])
 
 
@@ -132,6 +143,9 @@ class WSConv2d(nn.Conv2d):
         dilation: the dilation.
         device: where the parameters are created (as for ``nn.Conv2d``).
         dtype: the parameters' dtype.
+
+    Raises:
+        ValueError: ``in_chs`` or ``out_chs`` is not divisible by ``groups`` (from ``nn.Conv2d``).
     """
 
     def __init__(
@@ -164,10 +178,22 @@ class WSConv2d(nn.Conv2d):
         nn.init.zeros_(self.bias)
 
     def standardized_weight(self) -> torch.Tensor:
-        """The weight the conv applies: standardised, times gain and ``input_scale``."""
+        """The weight the conv applies: standardised, times gain and ``input_scale``.
+
+        Returns:
+            The standardised weight, shaped like ``self.weight`` (differentiable).
+        """
         return standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolves with the standardised weight, 'SAME' padding.
+
+        Args:
+            x: NCHW input.
+
+        Returns:
+            The conv's output.
+        """
         return conv2d_same(x, self.standardized_weight(), self.bias, self.stride[0], self.groups, self.dilation[0])
 
     @torch.no_grad()
@@ -195,5 +221,10 @@ class WSConv2d(nn.Conv2d):
         return conv
 
     def extra_repr(self) -> str:
+        """The module's summary in ``repr``: ``nn.Conv2d``'s, with 'SAME' padding and ``input_scale``.
+
+        Returns:
+            The summary string.
+        """
         s = super().extra_repr().replace(', padding=(0, 0)', ", padding='SAME'")
         return s + (f', input_scale={self.input_scale:.6g}' if self.input_scale != 1.0 else '')

@@ -30,6 +30,14 @@ class StochasticDepthMask(nn.Module):
         self.rate = rate
 
     def forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Draws the per-sample keep mask.
+
+        Args:
+            x: the batch (only its size, dtype and device are used).
+
+        Returns:
+            An (N, 1) mask of 0s and 1s in training, or None at eval or rate 0.
+        """
         if not self.training or self.rate == 0.0:
             return None
         keep = 1.0 - self.rate
@@ -38,4 +46,9 @@ class StochasticDepthMask(nn.Module):
         return torch.floor(keep + x.new_empty([x.shape[0], 1]).uniform_())
 
     def extra_repr(self) -> str:
+        """The module's summary in ``repr``.
+
+        Returns:
+            ``rate=...``.
+        """
         return f'rate={self.rate:.4g}'

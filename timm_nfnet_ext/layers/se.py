@@ -36,4 +36,12 @@ class SqueezeExcite(nn.Module):
             nn.init.zeros_(fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Computes the gate.
+
+        Args:
+            x: an NCHW feature map with ``chs`` channels.
+
+        Returns:
+            The (N, C) gate in (0, 1) (not yet doubled).
+        """
         return torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))

@@ -35,7 +35,29 @@ IntOrSeq = Union[int, Sequence[int]]
 
 @dataclass(frozen=True)
 class NfNetCfg:
-    """Architecture of an NFNet; every field is also a ``timm.create_model`` keyword."""
+    """Architecture of an NFNet; every field is also a ``timm.create_model`` keyword.
+
+    Attributes:
+        depths: blocks per stage.
+        widths: output channels per stage (one entry per stage).
+        strides: stride of each stage's first block, 1 or 2 (one entry per stage).
+        group_width: channels per group of the 3x3 convs (per stage if a sequence).
+        expansion: bottleneck width as a fraction of the block's width (per stage if a sequence).
+        big_width: bottleneck from the block's output width (else its input).
+        use_two_convs: NFNet's two grouped 3x3 convs per block (NF-SE-ResNeXt-D: one).
+        stem_widths: output channels of stem conv0..conv2 (conv3 has ``widths[0] // 2``).
+        alpha: residual branch scale.
+        se_ratio: squeeze-excite bottleneck ratio.
+        activation: a name of ``layers.GAMMAS``; ``gelu`` is JAX's tanh form.
+        final_conv_mult: the final 1x1 conv's width as a multiple of the last stage's.
+        drop_rate: dropout before the classifier (train only).
+        drop_path_rate: stochastic depth; block ``i`` of ``n`` drops with ``drop_path_rate * i / n``.
+
+    Raises:
+        ValueError: per-stage fields whose lengths disagree with ``depths``, depths below 1,
+            strides other than 1 or 2, ``stem_widths`` without 3 entries, an unknown
+            ``activation``, or drop rates outside [0, 1).
+    """
     depths: Tuple[int, ...] = (1, 2, 6, 3)
     widths: Tuple[int, ...] = (256, 512, 1536, 1536)
     strides: Tuple[int, ...] = (1, 2, 2, 2)
@@ -73,6 +95,14 @@ class NfNetCfg:
             raise ValueError('drop_rate and drop_path_rate must be in [0, 1)')
 
     def per_stage(self, name: str) -> List[Any]:
+        """A field that may be one value or one per stage, as a per-stage list.
+
+        Args:
+            name: the field, e.g. ``'group_width'`` or ``'expansion'``.
+
+        Returns:
+            One value per stage (the scalar repeated, or the sequence as a list).
+        """
         v = getattr(self, name)
         return [v] * len(self.depths) if isinstance(v, (int, float)) else list(v)
 
@@ -86,6 +116,27 @@ class NFBlock(nn.Module):
     The residual branch is conv0 1x1 -> conv1 3x3 grouped (strided) -> [conv1b 3x3 grouped]
     -> conv2 1x1, each conv fed by the activation of the previous output. The shortcut is ``x``,
     or a 1x1 conv of ``act(x) * beta`` (after a 2x2 'SAME' average pool when strided).
+
+    Args:
+        in_chs: input channels.
+        out_chs: output channels.
+        stride: stride of the first 3x3 conv (and of the shortcut's pool), 1 or 2.
+        beta: the reference's ``1 / expected_std`` of the block's input.
+        alpha: residual branch scale.
+        group_width: channels per group of the 3x3 convs.
+        expansion: bottleneck width as a fraction of the block's width.
+        big_width: bottleneck from ``out_chs`` (else ``in_chs``).
+        use_two_convs: two grouped 3x3 convs (NFNet) instead of one.
+        se_ratio: squeeze-excite bottleneck ratio.
+        activation: a name of ``layers.GAMMAS``.
+        drop_path_rate: stochastic depth rate of this block.
+        dilation: dilation of the 3x3 convs after the first.
+        first_dilation: dilation of the first 3x3 conv (``dilation`` if None).
+        device: where the parameters are created.
+        dtype: the parameters' dtype.
+
+    Raises:
+        ValueError: the bottleneck is narrower than ``group_width``, or an unknown ``activation``.
     """
 
     def __init__(
@@ -142,6 +193,14 @@ class NFBlock(nn.Module):
         self.skip_gain = nn.Parameter(torch.zeros((), **dd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Runs the block.
+
+        Args:
+            x: an NCHW feature map with ``in_chs`` channels.
+
+        Returns:
+            The block's output, ``out_chs`` channels, spatially reduced by ``stride``.
+        """
         out = self.act_in(x)  # gamma * beta live in conv0 / conv_shortcut
         if self.conv_shortcut is None:
             shortcut = x
@@ -173,6 +232,15 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
     """Raise a ``ValueError`` naming what is wrong with an NCHW input batch.
 
     Written for TorchScript too: a model traced by torch.fx and then scripted calls it directly.
+
+    Args:
+        x: the input batch.
+        in_chans: the channels the model expects.
+        min_size: the smallest height and width the model takes (its total stride).
+
+    Raises:
+        ValueError: ``x`` is not 4-dimensional, has other than ``in_chans`` channels, or is
+            smaller than ``min_size`` in height or width.
     """
     shape: List[int] = list(x.shape)
     if len(shape) != 4:
@@ -251,6 +319,12 @@ class NFNet(nn.Module):
 
     ``min_input_size`` is the network's total stride (32 for F0): below it the deepest stages
     see only padding.
+
+    Raises:
+        TypeError: an unknown keyword in ``overrides``, or a timm ``act_layer`` that is not a
+            name or disagrees with ``activation``.
+        ValueError: an invalid architecture (see :class:`NfNetCfg`), an ``output_stride`` other
+            than None, 8, 16 or 32, or a bottleneck narrower than its ``group_width``.
     """
 
     def __init__(
@@ -347,6 +421,14 @@ class NFNet(nn.Module):
     # --- timm model contract -------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter-name patterns of the stem and blocks, for timm's layer-wise LR decay.
+
+        Args:
+            coarse: one group per stage instead of one per block.
+
+        Returns:
+            timm's matcher dict: ``stem`` and ``blocks`` regexes (``final_conv`` is last).
+        """
         return dict(
             stem=r'^stem',
             blocks=[(r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)', None), (r'^final_conv', (99999,))],
@@ -354,25 +436,53 @@ class NFNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turns activation checkpointing of the stages on or off (used in training only).
+
+        Args:
+            enable: checkpoint each stage's forward.
+        """
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """Gains, biases and skip gains: the reference decays only conv, SE and classifier weights."""
+        """Gains, biases and skip gains: the reference decays only conv, SE and classifier weights.
+
+        Returns:
+            The names of the parameters to exclude from weight decay.
+        """
         return {n for n, _ in self.named_parameters() if n.endswith(('.gain', '.bias', 'skip_gain'))}
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The classifier layer.
+
+        Returns:
+            The head's ``fc`` (an ``nn.Identity`` when ``num_classes`` is 0).
+        """
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replaces the classifier with a new one, initialised as the reference's (N(0, 0.01), zero bias).
+
+        Args:
+            num_classes: outputs of the new classifier (0 for none: ``forward`` returns pooled features).
+            global_pool: a new timm pooling type, or None to keep the current one.
+        """
         self.num_classes = num_classes
         # on the model's device and in its dtype (the head alone has none once its fc is gone)
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
         self._init_classifier()
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ``ValueError`` naming what is wrong with an input batch."""
+        """Raise a ``ValueError`` naming what is wrong with an input batch.
+
+        Args:
+            x: the input batch.
+
+        Raises:
+            ValueError: ``x`` is not NCHW, has other than ``in_chans`` channels, or is smaller
+                than ``min_input_size``.
+        """
         check_input(x, self.in_chans, self.min_input_size)
 
     def forward_intermediates(
@@ -386,7 +496,26 @@ class NFNet(nn.Module):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Features at each stride: index 0 is the stem at stride 2 (stem.conv2, before its
         activation), 1..4 the stage outputs; the last is taken after final_conv (before its
-        activation), as in timm's NFNets."""
+        activation), as in timm's NFNets.
+
+        Args:
+            x: the input batch, NCHW.
+            indices: which taps: None for all, an int ``n`` for the last ``n``, or a list of
+                indices (negative ones count from the end).
+            norm: unused (NFNets have no final norm); accepted for timm's interface.
+            stop_early: stop after the deepest stage that is taken.
+            output_fmt: only ``'NCHW'``.
+            intermediates_only: return only the intermediate features.
+
+        Returns:
+            The list of intermediate features if ``intermediates_only``, else a tuple of the
+            final feature map (as :meth:`forward_features` gives it, unless ``stop_early`` cut
+            the network short) and that list.
+
+        Raises:
+            ValueError: ``output_fmt`` is not NCHW, an index is out of range, or the input is
+                invalid (see :meth:`check_input`).
+        """
         if output_fmt != 'NCHW':
             raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
         self.check_input(x)
@@ -416,6 +545,19 @@ class NFNet(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
+        """Removes the layers after the deepest tap in ``indices`` (and the head), in place.
+
+        Args:
+            indices: the taps to keep, as in :meth:`forward_intermediates`.
+            prune_norm: unused (NFNets have no final norm); accepted for timm's interface.
+            prune_head: also remove the classifier (always removed when layers are pruned).
+
+        Returns:
+            The absolute indices of the kept taps.
+
+        Raises:
+            ValueError: an index out of range, or none selected.
+        """
         take_indices, max_index = feature_indices(len(self.stages) + 1, indices)
         prune_end = max_index < len(self.stages)
         if prune_end:
@@ -432,7 +574,17 @@ class NFNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem, stages, final conv and its (gamma-scaled) activation: the map before pooling."""
+        """Stem, stages, final conv and its (gamma-scaled) activation: the map before pooling.
+
+        Args:
+            x: the input batch, NCHW.
+
+        Returns:
+            The final feature map, ``num_features`` channels at the network's total stride.
+
+        Raises:
+            ValueError: an invalid input (see :meth:`check_input`).
+        """
         self.check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
@@ -442,9 +594,29 @@ class NFNet(nn.Module):
         return self.final_act(self.final_conv(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooling, dropout and classifier.
+
+        Args:
+            x: a feature map from :meth:`forward_features`.
+            pre_logits: return the pooled features instead of the logits.
+
+        Returns:
+            The logits ``(N, num_classes)``, or the pooled features ``(N, num_features)``.
+        """
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Classifies a batch.
+
+        Args:
+            x: the input batch, NCHW.
+
+        Returns:
+            The logits ``(N, num_classes)`` (pooled features when ``num_classes`` is 0).
+
+        Raises:
+            ValueError: an invalid input (see :meth:`check_input`).
+        """
         return self.forward_head(self.forward_features(x))
 
 

@@ -137,6 +137,13 @@ def hub_repo_id(arch: str, tag: str = 'dm_in1k') -> str:
     By default the copies timm hosts of DeepMind's weights (``timm/dm_nfnet_f0.dm_in1k``, timm's
     layout, converted on load). With ``TIMM_NFNET_HUB_NAMESPACE=ORG`` set before import, every
     cfg points at ``ORG/<arch>.<tag>``, the repos ``timm-nfnet-hub publish`` writes.
+
+    Args:
+        arch: the model name, e.g. ``nfnet_f0``.
+        tag: the pretrained tag.
+
+    Returns:
+        The Hugging Face Hub repo id.
     """
     namespace = os.environ.get(HUB_NAMESPACE_ENV, '').strip()
     return f'{namespace}/{arch}.{tag}' if namespace else f'timm/dm_{arch}.{tag}'

@@ -1,5 +1,8 @@
 """Reading NFNet weights safely, and mapping the three layouts onto this package's modules.
 
+One file on purpose: the three layouts' readers and the one rename table, used both ways
+(timm -> native and native -> timm), belong together.
+
 Layouts:
 - ``deepmind``: DeepMind's released ``F*_haiku.npz`` files, which are dill pickles of
   ``{'NFNet/~/stem_conv0': {'w': HWIO array, 'gain': ..., 'bias': ...}, ...}`` (2021: haiku
@@ -179,9 +182,18 @@ def _flatten_tree(tree: Any, source: str) -> Dict[str, np.ndarray]:
 def read_deepmind_pickle(data: Union[bytes, PathLike], source: str = '') -> Dict[str, np.ndarray]:
     """Read a DeepMind NFNet checkpoint (a dill pickle) without executing anything.
 
-    Returns a flat ``{'NFNet/~/stem_conv0/w': array, ...}`` dict. Raises
-    ``UnsafeCheckpointError`` on any global other than numpy array / mapping reconstructors and
-    ``CheckpointError`` on a truncated or corrupt file.
+    Args:
+        data: the pickle's bytes, or the path of the file.
+        source: what to call it in error messages (default: the path, or ``<bytes>``).
+
+    Returns:
+        A flat ``{'NFNet/~/stem_conv0/w': array, ...}`` dict of numeric numpy arrays.
+
+    Raises:
+        UnsafeCheckpointError: any global other than numpy array / mapping reconstructors, or a
+            non-numeric array dtype.
+        CheckpointError: a truncated or corrupt file, or one that is not a tree of arrays.
+        OSError: ``data`` is a path that cannot be read (e.g. ``FileNotFoundError``).
     """
     if not isinstance(data, (bytes, bytearray)):
         source = source or str(data)
@@ -207,6 +219,15 @@ def sniff_checkpoint_format(path: PathLike) -> str:
 
     safetensors is tested first and fully: its first 8 bytes are the header length (little-endian)
     and its header is JSON, so a length whose low byte is 0x80 must not pass for a pickle.
+
+    Args:
+        path: the file.
+
+    Returns:
+        One of ``'safetensors'``, ``'pickle'``, ``'torch'``, ``'npz'``, ``'unknown'``.
+
+    Raises:
+        OSError: the file cannot be read (e.g. ``FileNotFoundError``).
     """
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
@@ -236,6 +257,20 @@ def load_checkpoint_file(path: PathLike, use_ema: bool = True) -> Dict[str, Unio
     - real ``.npz`` archives (``allow_pickle=False``);
     - PyTorch ``torch.save`` files (zip or legacy) with ``torch.load(weights_only=True)``; of a
       training checkpoint, the EMA weights when it has them and ``use_ema`` is true.
+
+    Args:
+        path: the weights file.
+        use_ema: of a training checkpoint, take the EMA weights when it has them.
+
+    Returns:
+        A flat dict of numpy arrays (DeepMind pickles, npz) or tensors (safetensors, torch),
+        in the file's own layout (see :func:`detect_layout`).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CheckpointError: an empty, truncated, corrupt or unrecognised file, or a torch file
+            that is not a weights-only state dict of tensors.
+        UnsafeCheckpointError: a pickle that asks for a disallowed global, or a non-numeric array.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -278,7 +313,14 @@ def _load_torch_weights(path: str, use_ema: bool = True) -> Dict[str, torch.Tens
 
 # --- layouts -------------------------------------------------------------------------------------
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
-    """'deepmind', 'timm' (timm's ``dm_nfnet_*``) or 'native'."""
+    """'deepmind', 'timm' (timm's ``dm_nfnet_*``) or 'native'.
+
+    Args:
+        state_dict: a flat weights dict, as :func:`load_checkpoint_file` returns.
+
+    Returns:
+        The layout's name, judged by the key names.
+    """
     keys = list(state_dict)
     if any('/~/' in k for k in keys):
         return 'deepmind'
@@ -330,7 +372,17 @@ def _native_to_deepmind_name(name: str, blocks: Dict[Tuple[int, int], int], root
 def deepmind_to_native(flat: Mapping[str, Any], model: nn.Module, skip_shape: Iterable[str] = ()) -> StateDict:
     """Map a flat DeepMind param dict onto ``model``'s parameter names (HWIO -> OIHW, (in,out) -> (out,in)).
 
-    Raises ``CheckpointError`` listing every missing, unexpected and mis-shaped key at once.
+    Args:
+        flat: the DeepMind weights, flat (``'NFNet/~/stem_conv0/w'``) or nested by module.
+        model: the model whose state dict names and shapes to produce.
+        skip_shape: native names whose shapes may differ from the model's.
+
+    Returns:
+        The model's state dict (float32 tensors).
+
+    Raises:
+        CheckpointError: listing every missing, unexpected and mis-shaped key at once; also
+            for more than one root module or a kernel of the wrong rank.
     """
     flat = _flatten_tree(flat, 'DeepMind checkpoint') if any(isinstance(v, Mapping) for v in flat.values()) else flat
     roots = {k.split('/~/', 1)[0] for k in flat}
@@ -393,7 +445,14 @@ def _timm_name(name: str, to_native: bool) -> str:
 
 
 def timm_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """timm ``dm_nfnet_*`` state dict -> this package's names (gains (O,1,1,1) -> (O,), SE 1x1 convs -> linears)."""
+    """timm ``dm_nfnet_*`` state dict -> this package's names (gains (O,1,1,1) -> (O,), SE 1x1 convs -> linears).
+
+    Args:
+        state_dict: timm's state dict.
+
+    Returns:
+        The same weights under this package's names and shapes.
+    """
     out: StateDict = {}
     for name, value in state_dict.items():
         new = _timm_name(name, to_native=True)
@@ -407,7 +466,14 @@ def timm_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def native_to_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """This package's state dict -> timm ``dm_nfnet_*`` names and shapes (for side-by-side checks)."""
+    """This package's state dict -> timm ``dm_nfnet_*`` names and shapes (for side-by-side checks).
+
+    Args:
+        state_dict: this package's state dict.
+
+    Returns:
+        The same weights under timm's names and shapes.
+    """
     out: StateDict = {}
     for name, value in state_dict.items():
         new = _timm_name(name, to_native=False)
@@ -439,7 +505,16 @@ def _misshaped(state_dict: Mapping[str, Any], expected: Mapping[str, torch.Tenso
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, skip_shape: Iterable[str] = ()) -> None:
-    """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys."""
+    """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys.
+
+    Args:
+        state_dict: the weights, in the model's layout.
+        model: the model they must fit.
+        skip_shape: names whose shapes may differ from the model's.
+
+    Raises:
+        CheckpointError: any key is missing, unexpected or mis-shaped.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -453,6 +528,17 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Sta
 
     The first conv and the classifier may differ in shape (timm adapts ``in_chans`` and drops a
     classifier of another ``num_classes`` after this filter); everything else must match.
+
+    Args:
+        state_dict: the loaded weights, in any of the three layouts.
+        model: the model being loaded (its ``pretrained_cfg`` names the first conv and classifier).
+
+    Returns:
+        The model's state dict; with the first conv's gain rescaled where timm will adapt its
+        weight to another ``in_chans``.
+
+    Raises:
+        CheckpointError: the weights do not fit the model (missing, unexpected or mis-shaped keys).
     """
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     first_conv, classifier = cfg.get('first_conv', 'stem.conv0'), cfg.get('classifier', 'head.fc')

@@ -41,7 +41,20 @@ __all__ = ['build_model_from_state', 'list_nfnets', 'save_model_folder', 'is_rel
 def build_model_from_state(
         state: Mapping[str, Any], model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
-    """Create ``model_name`` (with ``model_kwargs``), load ``state`` (any layout) strictly; eval mode."""
+    """Create ``model_name`` (with ``model_kwargs``), load ``state`` (any layout) strictly; eval mode.
+
+    Args:
+        state: the weights, in any of the three layouts (see ``checkpoint.detect_layout``).
+        model_name: a model name of this package, with or without a pretrained tag.
+        model_kwargs: ``timm.create_model`` keywords.
+
+    Returns:
+        The model with the weights loaded, in eval mode.
+
+    Raises:
+        ValueError: ``model_name`` is not an NFNet of this package.
+        CheckpointError: the weights do not fit the model, or hold non-finite values.
+    """
     # timm's own dm_nfnet_* are a different layout: not a target; a tag (nfnet_f0.dm_in1k) is fine
     if timm.models.get_arch_name(model_name) not in list_nfnets():
         raise ValueError(f'unknown model {model_name!r}; NFNets of this package: {", ".join(list_nfnets())}')
@@ -54,7 +67,11 @@ def build_model_from_state(
 
 
 def list_nfnets() -> list:
-    """The model names this package registers."""
+    """The model names this package registers.
+
+    Returns:
+        The names, sorted.
+    """
     from ..models import MODEL_CFGS
     return sorted(MODEL_CFGS)
 
@@ -88,6 +105,17 @@ def save_model_folder(
 
     Both are written to temporary names in ``out_dir`` and renamed into place, so a failure
     never leaves a half-written file under the final names. The same weights give the same bytes.
+
+    Args:
+        model: the model (it must have a ``pretrained_cfg``: a ``timm.create_model`` model).
+        out_dir: the folder to write (created if missing).
+        metadata: extra safetensors metadata entries.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        PermissionError: ``out_dir`` is not writable.
     """
     meta = {'format': 'pt', 'converter': f'timm-nfnet-ext {__version__}',
             'architecture': model.pretrained_cfg.get('architecture', '')}
@@ -144,7 +172,15 @@ _SAME_ARCHITECTURE = frozenset({'drop_rate', 'drop_path_rate', 'num_classes', 'i
 def is_release_conversion(layout: str, model_kwargs: Optional[Mapping[str, Any]]) -> bool:
     """Whether a conversion may be DeepMind's released weights: read from DeepMind's or timm's
     ``dm_nfnet`` layout into the registered architecture (only a head, input channels,
-    regularisation or ``output_stride`` changed). This package's own layout holds weights trained with it."""
+    regularisation or ``output_stride`` changed). This package's own layout holds weights trained with it.
+
+    Args:
+        layout: the source's layout, as ``checkpoint.detect_layout`` names it.
+        model_kwargs: the ``timm.create_model`` keywords of the conversion.
+
+    Returns:
+        True if the weights may be DeepMind's release.
+    """
     return layout in ('deepmind', 'timm') and not set(model_kwargs or {}) - _SAME_ARCHITECTURE
 
 
@@ -158,6 +194,19 @@ def conversion_cfg(model: nn.Module, release_weights: bool, tag: Optional[str] =
     ``input_size`` / ``test_input_size`` (pixels; the test size defaults to the train size) set
     the sizes and crops (``S / (S + 32)``, as the reference evaluates) the weights were trained
     and are evaluated at.
+
+    Args:
+        model: the converted model (a ``timm.create_model`` model).
+        release_weights: whether the weights may be DeepMind's release (``is_release_conversion``).
+        tag: a pretrained tag to set, e.g. ``ft_in1k``.
+        input_size: the train resolution in pixels.
+        test_input_size: the evaluation resolution in pixels (default: ``input_size``).
+
+    Returns:
+        The pretrained cfg dict.
+
+    Raises:
+        ValueError: a ``tag`` other than lowercase letters, digits and ``_``, or a size below 1.
     """
     if tag is not None and not TAG_PATTERN.match(tag):
         raise ValueError(f'tag must be lowercase letters, digits and _ (like dm_in1k), got {tag!r}')
@@ -189,6 +238,26 @@ def convert(
     ``config.json`` carries the cfg of ``conversion_cfg`` (``tag`` and the sizes given there).
     An output folder that already holds ``model.safetensors`` or ``config.json`` is refused unless
     ``overwrite``; a folder this call created is removed again if the conversion fails.
+
+    Args:
+        src: the weights file (DeepMind pickle/.npz, safetensors, or a weights-only torch file).
+        out_dir: the output folder.
+        model_name: a model name of this package, e.g. ``nfnet_f0``.
+        model_kwargs: ``timm.create_model`` keywords (widths, depths, ...).
+        overwrite: replace ``model.safetensors`` / ``config.json`` already in ``out_dir``.
+        tag: ``config.json``'s pretrained tag (see :func:`conversion_cfg`).
+        input_size: the train resolution of the weights in pixels.
+        test_input_size: their evaluation resolution in pixels.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a file, or already holds the outputs and not ``overwrite``.
+        FileNotFoundError: ``src`` does not exist.
+        CheckpointError: ``src`` cannot be read safely, or does not fit the model.
+        ValueError: an unknown ``model_name``, a bad ``tag`` or size.
+        PermissionError: ``out_dir`` is not writable.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -230,6 +299,18 @@ def _parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """Entry point of ``timm-nfnet-convert``.
+
+    Args:
+        argv: the command-line arguments; None reads ``sys.argv``.
+
+    Returns:
+        The exit code: 0 on success, 1 when the conversion fails, 2 for a bad ``--model-kwargs``
+        (errors are printed to stderr).
+
+    Raises:
+        SystemExit: bad flags (from argparse), or ``--help``.
+    """
     args = _parse_args(argv)
     try:
         kwargs = json.loads(args.model_kwargs)
