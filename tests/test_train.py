@@ -110,13 +110,13 @@ def test_paper_recipe_builds_the_paper_optimizer_schedule_and_ema(digits_dir, tm
     args, _, _ = resolve_settings(['--recipe', 'paper', '--data-dir', str(digits_dir), *TINY, '-b', '10',
                                    '--epochs', '10', '--output', str(tmp_path / 'p'), '--img-size', '32'])
     run = prepare(args, DistInfo(0, 1, torch.device('cpu')))
-    opt = run.optimizer
+    opt = run.parts.optimizer
     assert isinstance(opt, SGDAGC) and opt.defaults['nesterov'] and opt.defaults['momentum'] == 0.9
     assert math.isclose(args.lr, 0.1 * 10 / 256)
-    head = run.module.get_classifier().weight
+    head = run.parts.module.get_classifier().weight
     groups = {id(p): g for g in opt.param_groups for p in g['params']}
     assert groups[id(head)]['clipping'] is None and groups[id(head)]['weight_decay'] == 2e-5
-    for name, p in run.module.named_parameters():
+    for name, p in run.parts.module.named_parameters():
         if p is head:
             continue
         g = groups[id(p)]
@@ -124,31 +124,31 @@ def test_paper_recipe_builds_the_paper_optimizer_schedule_and_ema(digits_dir, tm
         decays = name.endswith('.weight') and p.ndim > 1
         assert g['weight_decay'] == (2e-5 if decays else 0.0), name
     # 5 warmup epochs from 0, then cosine to 0 at the last update
-    steps, lr = run.steps_per_epoch, args.lr
-    sched = run.scheduler
+    steps, lr = run.data.steps_per_epoch, args.lr
+    sched = run.parts.scheduler
     assert sched._get_lr(0)[0] == 0.0
     assert math.isclose(sched._get_lr(5 * steps)[0], lr)
     assert math.isclose(sched._get_lr(7 * steps + steps // 2)[0], lr * 0.5, rel_tol=0.05)
     assert sched._get_lr(10 * steps)[0] < 1e-9
-    assert [run.ema.get_decay(t) for t in (1, 2, 10 ** 7)] == [0.1, 2 / 11, 0.99999]
+    assert [run.parts.ema.get_decay(t) for t in (1, 2, 10 ** 7)] == [0.1, 2 / 11, 0.99999]
     # DeepMind's input pipeline: 2B decoded images per batch of B, mixed and RandAugmented in the collate
     from timm_nfnet_ext.data.train_transforms import ReferenceTrainBatch, ReferenceTrainDataset
-    collate = run.train_loader.collate_fn
-    assert run.mixup is None and isinstance(collate, ReferenceTrainBatch)
-    assert isinstance(run.train_loader.dataset, ReferenceTrainDataset) and run.train_loader.batch_size == 20
+    collate = run.data.train.collate_fn
+    assert run.parts.mixup is None and isinstance(collate, ReferenceTrainBatch)
+    assert isinstance(run.data.train.dataset, ReferenceTrainDataset) and run.data.train.batch_size == 20
     assert collate.mixup_alpha == 0.2 and collate.label_smoothing == 0.1 and collate.randaugment.magnitude == 5
-    with run.autocast():
+    with run.parts.autocast():
         assert torch.get_autocast_dtype('cpu') == torch.bfloat16 and torch.is_autocast_enabled('cpu')
-    last_block = run.module.stages[-1][-1]
+    last_block = run.parts.module.stages[-1][-1]
     assert last_block.drop_path.rate == pytest.approx(0.25 * 3 / 4)
-    assert run.module.head.drop.p == 0.2
-    assert type(run.train_loss).__name__ == 'SoftTargetCrossEntropy'
+    assert run.parts.module.head.drop.p == 0.2
+    assert type(run.parts.loss).__name__ == 'SoftTargetCrossEntropy'
     # validation follows the paper's protocol: the reference eval pipeline, from the files
     from timm_nfnet_ext.data import FileImageDataset, ReferenceEvalTransform, create_eval_transform
-    val = run.val_loader.dataset.dataset
+    val = run.data.val.dataset.dataset
     assert isinstance(val, FileImageDataset) and isinstance(val.transform, ReferenceEvalTransform)
     assert val.transform.img_size == (32, 32)  # trained at 32 px, not F0's 192: validated at 32
-    assert run.derived['validation'].startswith('reference') and '64 px' in run.derived['validation']
+    assert run.record.derived['validation'].startswith('reference') and '64 px' in run.record.derived['validation']
     x, _ = val[3]
     assert torch.equal(x, create_eval_transform(img_size=32)(val.name(3)))
 
@@ -160,12 +160,12 @@ def test_reference_validation_size_follows_the_model_test_size(digits_dir, tmp_p
     for extra, size in ((['--img-size', '192', '--val-preprocess', 'reference'], 256),  # F0: 192 -> 256
                         (['--img-size', '192', '--val-preprocess', 'reference', '--val-img-size', '40'], 40)):
         args, _, _ = resolve_settings(base + extra)
-        transform = prepare(args, DistInfo(0, 1, torch.device('cpu'))).val_loader.dataset.dataset.transform
+        transform = prepare(args, DistInfo(0, 1, torch.device('cpu'))).data.val.dataset.dataset.transform
         assert isinstance(transform, ReferenceEvalTransform) and transform.img_size == (size, size)
         shutil.rmtree(tmp_path / 'r')
     args, _, _ = resolve_settings(base + ['--img-size', '32'])
     run = prepare(args, DistInfo(0, 1, torch.device('cpu')))
-    assert run.derived['validation'].startswith('timm (')
+    assert run.record.derived['validation'].startswith('timm (')
     shutil.rmtree(tmp_path / 'r')
     args, _, _ = resolve_settings(base + ['--img-size', '32', '--val-img-size', '40'])
     with pytest.raises(TrainError, match='--val-img-size .* needs --val-preprocess reference'):

@@ -55,10 +55,10 @@ def evaluate(model: nn.Module, loader: Any, run: Run) -> Dict[str, float]:
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    k5 = min(5, run.num_classes)
+    k5 = min(5, run.record.num_classes)
     for images, targets in loader:
         images, targets = _to_device(images, targets, run)
-        with run.autocast():
+        with run.parts.autocast():
             logits = model(images).float()
         n = targets.shape[0]
         top1, top5 = accuracy(logits, targets, topk=(1, k5))
@@ -109,7 +109,7 @@ class _Log:
 def _progress_bar(run: Run, epoch: int, start: int) -> Any:
     from tqdm.auto import tqdm
     show = run.cfg.progress if run.cfg.progress is not None else sys.stderr.isatty()
-    return tqdm(total=run.steps_per_epoch, initial=start, desc=f'epoch {epoch}/{run.num_epochs - 1}',
+    return tqdm(total=run.data.steps_per_epoch, initial=start, desc=f'epoch {epoch}/{run.data.num_epochs - 1}',
                 unit='step', disable=not (show and run.dist.primary), dynamic_ncols=True, leave=True)
 
 
@@ -128,14 +128,14 @@ def _checkpoint(run: Run, state: Dict[str, Any]) -> Dict[str, Any]:
     ranks = _gather({'rng': ckpt_io.capture_rng(), 'meters': dict(state['meters'])}, run.dist)
     return {
         'format': ckpt_io.FORMAT, 'version': ckpt_io.VERSION,
-        'model': run.module.state_dict(), 'ema': run.ema.module.state_dict() if run.ema is not None else None,
-        'optimizer': run.optimizer.state_dict(),
-        'scheduler': run.scheduler.state_dict() if run.scheduler is not None else None,
-        'schedule': run.schedule, 'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        'model': run.parts.module.state_dict(), 'ema': run.parts.ema.module.state_dict() if run.parts.ema is not None else None,
+        'optimizer': run.parts.optimizer.state_dict(),
+        'scheduler': run.parts.scheduler.state_dict() if run.parts.scheduler is not None else None,
+        'schedule': run.record.schedule, 'scaler': run.parts.scaler.state_dict() if run.parts.scaler.is_enabled() else None,
         'epoch': state['epoch'], 'step': state['step'], 'global_step': state['global_step'],
         'rng': [r['rng'] for r in ranks], 'meters': [r['meters'] for r in ranks],
         'history': list(state['history']), 'best': dict(state['best']),
-        'identity': run.identity, 'config': {k: to_plain(v) for k, v in run.cfg.to_dict().items()},
+        'identity': run.record.identity, 'config': {k: to_plain(v) for k, v in run.cfg.to_dict().items()},
     }
 
 
@@ -166,9 +166,9 @@ def _restore(run: Run) -> Dict[str, Any]:
         return state
     # the update count follows this run's steps per epoch: a global batch (or --grad-accum-steps)
     # changed at an epoch boundary changes it, and the schedule must still end at --epochs
-    global_step = data['epoch'] * run.steps_per_epoch + data['step']
+    global_step = data['epoch'] * run.data.steps_per_epoch + data['step']
     if global_step != data['global_step'] and run.dist.primary:
-        _logger.info(f'note: {run.steps_per_epoch} steps per epoch now: the schedule continues from update '
+        _logger.info(f'note: {run.data.steps_per_epoch} steps per epoch now: the schedule continues from update '
                      f'{global_step} (the checkpoint counted {data["global_step"]})')
     state.update(epoch=data['epoch'], step=data['step'], global_step=global_step,
                  history=list(data['history']), best=dict(data.get('best') or {}))
@@ -191,13 +191,13 @@ def _fresh_meters() -> Dict[str, float]:
 def _micro_step(run: Run, images: torch.Tensor, targets: torch.Tensor, last: bool) -> torch.Tensor:
     """Forward and backward of one micro-batch (no DDP all-reduce unless it ends the step)."""
     images, targets = _to_device(images, targets, run)
-    if run.mixup is not None:  # also after --mixup-off-epoch: it still makes the soft targets
-        images, targets = run.mixup(images, targets)
-    sync = run.model.no_sync() if run.dist.distributed and not last else contextlib.nullcontext()
+    if run.parts.mixup is not None:  # also after --mixup-off-epoch: it still makes the soft targets
+        images, targets = run.parts.mixup(images, targets)
+    sync = run.parts.model.no_sync() if run.dist.distributed and not last else contextlib.nullcontext()
     with sync:
-        with run.autocast():
-            loss = run.train_loss(run.model(images), targets) / run.cfg.grad_accum_steps
-        run.scaler.scale(loss).backward()
+        with run.parts.autocast():
+            loss = run.parts.loss(run.parts.model(images), targets) / run.cfg.grad_accum_steps
+        run.parts.scaler.scale(loss).backward()
     return loss.detach()
 
 
@@ -206,8 +206,8 @@ def _nonfinite(run: Run, loss: torch.Tensor) -> torch.Tensor:
     gradients are already averaged, so every rank sees the same ones. With fp16's GradScaler
     only the loss counts: the scaler skips overflowing scaled gradients itself."""
     bad = ~torch.isfinite(loss)
-    if not run.scaler.is_enabled():
-        sums = [p.grad.sum(dtype=torch.float32) for p in run.module.parameters()
+    if not run.parts.scaler.is_enabled():
+        sums = [p.grad.sum(dtype=torch.float32) for p in run.parts.module.parameters()
                 if p.grad is not None and not p.grad.is_sparse]
         if sums:
             bad = bad | ~torch.isfinite(torch.stack(sums)).all()
@@ -217,38 +217,38 @@ def _nonfinite(run: Run, loss: torch.Tensor) -> torch.Tensor:
 def _skip_step(run: Run, state: Dict[str, Any]) -> None:
     """A step whose loss or gradients are non-finite: no optimizer, scaler or EMA update (nothing
     non-finite reaches their states, or a checkpoint); the position and schedule move on."""
-    run.optimizer.zero_grad(set_to_none=True)
+    run.parts.optimizer.zero_grad(set_to_none=True)
     state['global_step'] += 1
-    if run.scheduler is not None:
-        run.scheduler.step_update(state['global_step'])
+    if run.parts.scheduler is not None:
+        run.parts.scheduler.step_update(state['global_step'])
 
 
 def _optimizer_step(run: Run, state: Dict[str, Any]) -> None:
     """The optimizer step (AGC optimizers count their clipped units), scheduler and EMA updates."""
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.parts.scaler.step(run.parts.optimizer)
+    run.parts.scaler.update()
+    run.parts.optimizer.zero_grad(set_to_none=True)
     state['global_step'] += 1
-    if run.scheduler is not None:
-        run.scheduler.step_update(state['global_step'])
-    if run.ema is not None:
-        run.ema.update(run.module, step=state['global_step'])
+    if run.parts.scheduler is not None:
+        run.parts.scheduler.step_update(state['global_step'])
+    if run.parts.ema is not None:
+        run.parts.ema.update(run.parts.module, step=state['global_step'])
 
 
 def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, float]:
     """Train from ``state['step']`` to the end of ``state['epoch']``."""
     cfg, epoch, accum = run.cfg, state['epoch'], run.cfg.grad_accum_steps
-    run.train_sampler.set_epoch(epoch, state['step'] * accum)
-    if run.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
-        run.mixup.mixup_enabled = False
-    run.model.train()
+    run.data.sampler.set_epoch(epoch, state['step'] * accum)
+    if run.parts.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
+        run.parts.mixup.mixup_enabled = False
+    run.parts.model.train()
     meters, bar = state['meters'], _progress_bar(run, epoch, state['step'])
     log.bar = bar
-    batches, t0, seen = iter(run.train_loader), time.time(), 0
+    batches, t0, seen = iter(run.data.train), time.time(), 0
     # Losses are summed on the device and read back only at log and save points: a float(loss)
     # per step would make the host wait for the GPU every step (timm syncs at log steps too).
     pending = torch.zeros((), dtype=torch.float64, device=run.dist.device)
-    for step in range(state['step'], run.steps_per_epoch):
+    for step in range(state['step'], run.data.steps_per_epoch):
         loss = torch.zeros((), device=run.dist.device)
         for micro in range(accum):
             images, targets = next(batches)
@@ -274,23 +274,23 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
         state['step'] = step + 1
         bar.update(1)
         if cfg.log_interval and (step + 1) % cfg.log_interval == 0:
-            _fold(meters, pending, run.optimizer)
+            _fold(meters, pending, run.parts.optimizer)
             rate = seen * run.dist.world_size / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{_lr(run):.3g}', refresh=False)
-            log(f'train: epoch {epoch} [{step + 1:>4}/{run.steps_per_epoch}] loss {float(loss):.4f} '
+            log(f'train: epoch {epoch} [{step + 1:>4}/{run.data.steps_per_epoch}] loss {float(loss):.4f} '
                 f'lr {_lr(run):.4g} {_clip_text(meters)}{rate:.0f} img/s')
         if stop:  # every rank is here after the same step: one consistent checkpoint, then exit
-            _fold(meters, pending, run.optimizer)
+            _fold(meters, pending, run.parts.optimizer)
             bar.close()
             log.bar = None
             path = _save(run, state, epoch_end=False)
             log(f'stopping on {_STOP.name()}: epoch {epoch} step {step + 1} (global step '
                 f'{state["global_step"]}) saved to {path}; continue with --resume auto')
             raise Preempted(_STOP.name())
-        if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step + 1 < run.steps_per_epoch:
-            _fold(meters, pending, run.optimizer)
+        if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step + 1 < run.data.steps_per_epoch:
+            _fold(meters, pending, run.parts.optimizer)
             _save(run, state, epoch_end=False)
-    _fold(meters, pending, run.optimizer)
+    _fold(meters, pending, run.parts.optimizer)
     bar.close()
     log.bar = None
     return _epoch_train_metrics(run, meters)
@@ -309,7 +309,7 @@ def _fold(meters: Dict[str, float], pending: torch.Tensor, optimizer: torch.opti
 
 
 def _lr(run: Run) -> float:
-    lrs = [g['lr'] for g in run.optimizer.param_groups]
+    lrs = [g['lr'] for g in run.parts.optimizer.param_groups]
     return sum(lrs) / len(lrs)
 
 
@@ -328,12 +328,12 @@ def _epoch_train_metrics(run: Run, meters: Dict[str, float]) -> Dict[str, float]
 
 def _validate(run: Run) -> Dict[str, Any]:
     """Metrics of the epoch's summary row (the EMA's when there is one, like timm)."""
-    if run.val_loader is None:
+    if run.data.val is None:
         return {}
-    metrics = evaluate(run.module, run.val_loader, run)
+    metrics = evaluate(run.parts.module, run.data.val, run)
     row = {'eval_loss': metrics['loss'], 'eval_top1': metrics['top1'], 'eval_top5': metrics['top5']}
-    if run.ema is not None:
-        ema = evaluate(run.ema.module, run.val_loader, run)
+    if run.parts.ema is not None:
+        ema = evaluate(run.parts.ema.module, run.data.val, run)
         row = {'eval_loss': ema['loss'], 'eval_top1': ema['top1'], 'eval_top5': ema['top5'],
                'model_eval_loss': metrics['loss'], 'model_eval_top1': metrics['top1'],
                'model_eval_top5': metrics['top5']}
@@ -373,14 +373,14 @@ def train(run: Run) -> Dict[str, Any]:
     if resumed:
         log(f'resuming {run.resume_path} at epoch {state["epoch"]} step {state["step"]} '
             f'(global step {state["global_step"]})')
-    if run.scheduler is not None and resumed:
+    if run.parts.scheduler is not None and resumed:
         # a fresh scheduler already holds its first lr; stepping it at epoch 0 would put a plateau
         # schedule without warmup at --warmup-lr for good (timm's train.py steps only on resume too)
         if state['epoch'] > 0:
-            run.scheduler.step(state['epoch'])
+            run.parts.scheduler.step(state['epoch'])
         if run.cfg.sched_on_updates and state['global_step'] > 0:
-            run.scheduler.step_update(state['global_step'])
-    while state['epoch'] < run.num_epochs:
+            run.parts.scheduler.step_update(state['global_step'])
+    while state['epoch'] < run.data.num_epochs:
         t0 = time.time()
         row = {'epoch': state['epoch']}
         row.update(train_one_epoch(run, state, log))
@@ -389,8 +389,8 @@ def train(run: Run) -> Dict[str, Any]:
         state['history'].append(row)
         value = _update_best(run, state, row)
         state.update(epoch=state['epoch'] + 1, step=0, meters=_fresh_meters())
-        if run.scheduler is not None:
-            run.scheduler.step(state['epoch'], value)  # the metric only matters to --sched plateau
+        if run.parts.scheduler is not None:
+            run.parts.scheduler.step(state['epoch'], value)  # the metric only matters to --sched plateau
         _save(run, state, epoch_end=True)
         _write_reports(run, state['history'])
         log(_epoch_line(row, time.time() - t0))
@@ -416,9 +416,9 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     best = run.run_dir / 'model_best.pth.tar'
     data = ckpt_io.load_checkpoint(best if best.is_file() else run.run_dir / 'last.pth.tar')
     weights = data['ema'] if data.get('ema') is not None else data['model']
-    model = timm.create_model(run.cfg.model, **run.arch_kwargs)
+    model = timm.create_model(run.cfg.model, **run.record.arch_kwargs)
     model.load_state_dict(weights, strict=True)
-    data, size = run.data_config, run.data_config['input_size']
+    data, size = run.record.data_config, run.record.data_config['input_size']
     # the test size and crop are the ones validation used (the reference's S / (S + 32) with it)
     test_size, test_crop = data.get('val_input_size', size), data.get('val_crop_pct', data['crop_pct'])
     model.pretrained_cfg = pretrained_cfg_for_data(
@@ -429,10 +429,10 @@ def export_and_reload(run: Run) -> Dict[str, Any]:
     # timm's own pretrained path: the architecture and its arguments come from config.json
     reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
     result: Dict[str, Any] = {'export_dir': str(out)}
-    if run.val_loader is not None:
+    if run.data.val is not None:
         single = _single_process(run)
-        loader = build_loader(run.val_loader.dataset.dataset, EpochSampler(
-            len(run.val_loader.dataset), run.val_loader.batch_size, shuffle=False), run.cfg, run.dist.device)
+        loader = build_loader(run.data.val.dataset.dataset, EpochSampler(
+            len(run.data.val.dataset), run.data.val.batch_size, shuffle=False), run.cfg, run.dist.device)
         result.update(evaluate(reloaded.to(run.dist.device), loader, single))
     return result
 
@@ -446,9 +446,9 @@ def _single_process(run: Run) -> Run:
 # --- command ---------------------------------------------------------------------------------
 def _announce(run: Run, sources: Dict[str, str], notes: Sequence[str]) -> None:
     settings = run.cfg.to_dict()
-    text = format_settings(settings, sources, run.derived)
-    ckpt_io.write_text_atomic(settings_yaml(settings, sources, run.derived), run.run_dir / 'args.yaml')
-    _logger.info(f'timm-nfnet-train: {run.cfg.model} on {run.derived["dataset"]}, run folder {run.run_dir}')
+    text = format_settings(settings, sources, run.record.derived)
+    ckpt_io.write_text_atomic(settings_yaml(settings, sources, run.record.derived), run.run_dir / 'args.yaml')
+    _logger.info(f'timm-nfnet-train: {run.cfg.model} on {run.record.derived["dataset"]}, run folder {run.run_dir}')
     _logger.info(text)
     for note in notes:
         _logger.info(f'note: {note}')
@@ -457,7 +457,7 @@ def _announce(run: Run, sources: Dict[str, str], notes: Sequence[str]) -> None:
 
 def _finish(run: Run, state: Dict[str, Any]) -> None:
     if run.dist.distributed:
-        prints = _gather(weights_fingerprint(run.module), run.dist)
+        prints = _gather(weights_fingerprint(run.parts.module), run.dist)
         if run.dist.primary:
             same = len(set(prints)) == 1
             for rank, fp in enumerate(prints):
@@ -492,7 +492,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         info = init_distributed(cfg.device)
         run = prepare(cfg, info)
         if info.primary:
-            _announce(run, sources, notes + run.notes)
+            _announce(run, sources, notes + run.record.notes)
             ckpt_io.remove_stale_temps(run.run_dir)
     except TrainError as e:
         print(f'timm-nfnet-train: error: {e}', file=sys.stderr)

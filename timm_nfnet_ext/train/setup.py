@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.data import DataLoader
 from timm.utils import random_seed
 
 from ..variants import REFERENCE_PADDING
@@ -176,34 +177,56 @@ def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> Tuple[Path, List[Path]]
 
 # --- the run ---------------------------------------------------------------------------------
 @dataclass
-class Run:
-    """What the loop needs."""
-    cfg: TrainConfig
-    dist: DistInfo
-    run_dir: Path
-    model: nn.Module            # DDP-wrapped when distributed
-    module: nn.Module           # the model itself
+class TrainParts:
+    """What is trained and how: the model (DDP-wrapped when distributed), the model itself, its
+    EMA, the optimizer, schedule, gradient scaler, autocast context, timm's Mixup (None with the
+    reference pipeline, which mixes in its collate, or without mixing) and the training loss."""
+    model: nn.Module
+    module: nn.Module
     ema: Optional[nn.Module]
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    scaler: Any
+    scaler: torch.amp.GradScaler
     autocast: Callable[[], Any]
-    mixup: Any
-    train_loss: nn.Module
-    train_loader: Any
-    train_sampler: EpochSampler
-    val_loader: Any
+    mixup: Optional[Callable[..., Any]]
+    loss: nn.Module
+
+
+@dataclass
+class RunData:
+    """The loaders: training (driven by ``sampler``) and validation, and the epoch's length."""
+    train: DataLoader
+    sampler: EpochSampler
+    val: Optional[DataLoader]
     steps_per_epoch: int
     num_epochs: int
-    num_classes: int
+
+
+@dataclass
+class RunRecord:
+    """What the run records about itself: the identity a resumed checkpoint must match, the
+    derived settings, the data config, the architecture keywords, the schedule, notes."""
     identity: Dict[str, Any]
-    data_config: Dict[str, Any]
     derived: Dict[str, Any]
+    data_config: Dict[str, Any]
     arch_kwargs: Dict[str, Any]
-    schedule: Dict[str, Any] = field(default_factory=dict)
+    schedule: Dict[str, Any]
+    num_classes: int
+    notes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """A prepared run: its settings, processes and folder, and the three parts above; ``resume``
+    is the checkpoint it continues (read, not yet applied), ``resume_path`` its file."""
+    cfg: TrainConfig
+    dist: DistInfo
+    run_dir: Path
+    parts: TrainParts
+    data: RunData
+    record: RunRecord
     resume: Optional[Dict[str, Any]] = None
     resume_path: Optional[Path] = None
-    notes: List[str] = field(default_factory=list)
 
 
 def _check_numbers(cfg: TrainConfig, dist_info: DistInfo) -> None:
@@ -306,24 +329,24 @@ def _resume_source(cfg: TrainConfig, run_dir: Path) -> Tuple[Optional[Path], Opt
 def _load_states(run: Run, data: Mapping[str, Any], path: Path) -> None:
     """Put the checkpoint's model, EMA, optimizer, scheduler and scaler states in place."""
     try:
-        run.module.load_state_dict(data['model'], strict=True)
-        if run.ema is not None:
-            run.ema.module.load_state_dict(data['ema'], strict=True)
-        fresh_lrs = [g['lr'] for g in run.optimizer.param_groups]
-        run.optimizer.load_state_dict(data['optimizer'])
-        changed = _schedule_changes(data.get('schedule') or {}, run.schedule)
-        if run.scheduler is not None and not changed:
-            run.scheduler.load_state_dict(dict(data['scheduler']))
-        elif run.scheduler is not None:
+        run.parts.module.load_state_dict(data['model'], strict=True)
+        if run.parts.ema is not None:
+            run.parts.ema.module.load_state_dict(data['ema'], strict=True)
+        fresh_lrs = [g['lr'] for g in run.parts.optimizer.param_groups]
+        run.parts.optimizer.load_state_dict(data['optimizer'])
+        changed = _schedule_changes(data.get('schedule') or {}, run.record.schedule)
+        if run.parts.scheduler is not None and not changed:
+            run.parts.scheduler.load_state_dict(dict(data['scheduler']))
+        elif run.parts.scheduler is not None:
             # the rebuilt schedule's own lr for the current position (train() steps it there when
             # past epoch 0), not the one the optimizer state brought from the old schedule
-            for group, lr in zip(run.optimizer.param_groups, fresh_lrs):
+            for group, lr in zip(run.parts.optimizer.param_groups, fresh_lrs):
                 group['lr'] = lr
-            run.notes.append('the schedule changed since the checkpoint (' + ', '.join(changed) + '): a new '
+            run.record.notes.append('the schedule changed since the checkpoint (' + ', '.join(changed) + '): a new '
                              'schedule is built and continued from the checkpoint\'s position (a plateau '
                              'schedule restarts its patience)')
         if data.get('scaler'):
-            run.scaler.load_state_dict(data['scaler'])
+            run.parts.scaler.load_state_dict(data['scaler'])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise TrainError(f'checkpoint {str(path)!r} does not fit this model/optimizer: {first}') from None
@@ -418,21 +441,22 @@ def _build_run(cfg: TrainConfig, dist_info: DistInfo, run_dir: Path, opt_name: s
                    train_images=len(data.train), val_images=len(data.val) if data.val is not None else 0,
                    validation=_describe_validation(data.data_config) if data.val is not None else 'none',
                    steps_per_epoch=steps, total_epochs=num_epochs)
-    run = Run(cfg=cfg, dist=dist_info, run_dir=run_dir, model=model, module=model, ema=ema,
-              optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast, mixup=mixup,
-              train_loss=_loss(cfg, mixup is not None or data.collate is not None),
-              train_loader=build_loader(data.train, sampler, cfg, device, data.collate),
-              train_sampler=sampler, val_loader=val_loader, steps_per_epoch=steps, num_epochs=num_epochs,
-              num_classes=num_classes, identity=identity, data_config=data.data_config, derived=derived,
-              arch_kwargs=arch, resume=resume, resume_path=resume_path, notes=notes,
-              schedule={k: getattr(cfg, k) for k in _SCHEDULE_KEYS} | {'steps_per_epoch': steps})
+    parts = TrainParts(model=model, module=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                       autocast=autocast, mixup=mixup, loss=_loss(cfg, mixup is not None or data.collate is not None))
+    loaders = RunData(train=build_loader(data.train, sampler, cfg, device, data.collate), sampler=sampler,
+                      val=val_loader, steps_per_epoch=steps, num_epochs=num_epochs)
+    record = RunRecord(identity=identity, derived=derived, data_config=data.data_config, arch_kwargs=arch,
+                       schedule={k: getattr(cfg, k) for k in _SCHEDULE_KEYS} | {'steps_per_epoch': steps},
+                       num_classes=num_classes, notes=notes)
+    run = Run(cfg=cfg, dist=dist_info, run_dir=run_dir, parts=parts, data=loaders, record=record, resume=resume,
+              resume_path=resume_path)
     if resume is not None:
         ckpt_io.check_compatible(resume, identity, str(resume_path))
         _load_states(run, resume, resume_path)
     random_seed(cfg.seed, dist_info.rank)
     if dist_info.distributed:
         from torch.nn.parallel import DistributedDataParallel
-        run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        run.parts.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     return run
 
 
