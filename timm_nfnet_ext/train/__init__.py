@@ -3,11 +3,14 @@
 - ``recipe.py``: the command line (timm's flag names), the recipes and the resolved settings;
 - ``setup.py``: distributed set-up, model, optimizer, schedule, EMA, loaders, resume;
 - ``data.py``: datasets, transforms and the resumable distributed sampler;
-- ``loop.py``: the training loop, evaluation, checkpoints and the ``main`` entry point;
+- ``loop.py``: the training loop, evaluation and checkpoints;
+- ``cli.py``: the command (``main``), its report and the export;
+- ``elastic.py``: what a cluster needs: per-attempt stores under torchrun, stop requests, exit codes;
 - ``checkpoint.py``: training checkpoints (atomic, pruned, RNG states);
 - ``report.py``: the settings and summary files and the curves plot.
 """
-from .loop import main, train, weights_fingerprint
+from .cli import main
+from .loop import train, weights_fingerprint
 from .recipe import TrainError, build_parser, resolve_settings
 
 __all__ = ['main', 'train', 'weights_fingerprint', 'TrainError', 'build_parser', 'resolve_settings']

@@ -1,6 +1,6 @@
 """``python -m timm_nfnet_ext.train``: the same as ``timm-nfnet-train``."""
 import sys
 
-from .loop import main
+from .cli import main
 
 sys.exit(main())

@@ -1,17 +1,9 @@
-"""``timm-nfnet-train``: train NFNets the timm way, with AGC, DDP and crash-safe resume.
+"""The training loop of ``timm-nfnet-train`` (the command itself: ``cli.py``).
 
-    timm-nfnet-train --quickstart                      # tiny NFNet + AGC on the built-in digits
-    timm-nfnet-train --data-dir DIR --model nfnet_f0 --recipe paper -b 128 --output runs/f0
-    torchrun --nproc_per_node 8 -m timm_nfnet_ext.train --data-dir DIR --recipe paper --output runs/f0
-    timm-nfnet-train ... --output runs/f0 --resume auto
-
-Everything is built from timm's factories (see ``train_setup``); this module is the loop:
-train steps with gradient accumulation, AGC statistics, EMA, validation, checkpoints
-(``train_checkpoint``), summary.csv and plot (``train_report``), and the export at the end.
-
-Exit codes of the command: 0 done; 1 diverged (``--nonfinite-limit`` non-finite steps in a
-row); 2 refused before training (bad input); 75 preempted (SIGTERM or SIGUSR1: every rank
-finished the same step and a checkpoint was written; start again with ``--resume auto``).
+Everything is built from timm's factories (``setup.py``); this module runs it: train steps
+with gradient accumulation, AGC statistics, EMA, the per-step agreement of all ranks on stop
+requests and non-finite steps, validation, checkpoints (``checkpoint.py``) and summary.csv and
+plot (``report.py``).
 """
 from __future__ import annotations
 
@@ -21,25 +13,22 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..logs import command_output
 from . import checkpoint as ckpt_io
-from .data import EpochSampler, build_loader
-from .elastic import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, StopRequest, release_store
-from .recipe import TrainError, resolve_settings
-from .report import format_settings, settings_yaml, to_plain, write_plot, write_summary
-from .setup import DistInfo, Run, init_distributed, prepare
+from .elastic import StopRequest
+from .report import to_plain, write_plot, write_summary
+from .setup import DistInfo, Run
 
-__all__ = ['main', 'train', 'evaluate', 'weights_fingerprint']
+__all__ = ['train', 'evaluate', 'weights_fingerprint', 'gather_objects', 'Preempted', 'STOP_REQUEST']
 
 _logger = logging.getLogger(__name__)
-_STOP = StopRequest()  # its signal handlers are installed by the command (main) only
+STOP_REQUEST = StopRequest()  # its signal handlers are installed by the command (cli.main) only
 
 
 class Preempted(Exception):
@@ -113,7 +102,7 @@ def _progress_bar(run: Run, epoch: int, start: int) -> Any:
                 unit='step', disable=not (show and run.dist.primary), dynamic_ncols=True, leave=True)
 
 
-def _gather(obj: Any, info: DistInfo) -> List[Any]:
+def gather_objects(obj: Any, info: DistInfo) -> List[Any]:
     """``obj`` of every rank, in rank order (a 1-element list without distribution)."""
     if not info.distributed:
         return [obj]
@@ -125,7 +114,7 @@ def _gather(obj: Any, info: DistInfo) -> List[Any]:
 # --- checkpoints -----------------------------------------------------------------------------
 def _checkpoint(run: Run, state: Dict[str, Any]) -> Dict[str, Any]:
     """A checkpoint dict of tensors and plain values (every rank's RNG and meters included)."""
-    ranks = _gather({'rng': ckpt_io.capture_rng(), 'meters': dict(state['meters'])}, run.dist)
+    ranks = gather_objects({'rng': ckpt_io.capture_rng(), 'meters': dict(state['meters'])}, run.dist)
     return {
         'format': ckpt_io.FORMAT, 'version': ckpt_io.VERSION,
         'model': run.parts.module.state_dict(), 'ema': run.parts.ema.module.state_dict() if run.parts.ema is not None else None,
@@ -255,7 +244,7 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
             loss += _micro_step(run, images, targets, micro == accum - 1)
             seen += images.shape[0]
         # one small all-reduce a step: did any rank get SIGTERM/SIGUSR1, is the step non-finite
-        stop, bad = _STOP.agreed(_nonfinite(run, loss), run.dist.distributed)
+        stop, bad = STOP_REQUEST.agreed(_nonfinite(run, loss), run.dist.distributed)
         if bad:
             _skip_step(run, state)
             meters['skipped'] = meters.get('skipped', 0) + 1
@@ -284,9 +273,9 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
             bar.close()
             log.bar = None
             path = _save(run, state, epoch_end=False)
-            log(f'stopping on {_STOP.name()}: epoch {epoch} step {step + 1} (global step '
+            log(f'stopping on {STOP_REQUEST.name()}: epoch {epoch} step {step + 1} (global step '
                 f'{state["global_step"]}) saved to {path}; continue with --resume auto')
-            raise Preempted(_STOP.name())
+            raise Preempted(STOP_REQUEST.name())
         if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step + 1 < run.data.steps_per_epoch:
             _fold(meters, pending, run.parts.optimizer)
             _save(run, state, epoch_end=False)
@@ -405,126 +394,3 @@ def _epoch_line(row: Dict[str, Any], seconds: float) -> str:
         parts.append(f'clipped {100 * row["clip_fraction"]:.2f}% of units')
     parts.append(f'lr {row["lr"]:.4g} ({seconds:.1f} s)')
     return ', '.join(parts)
-
-
-# --- export ----------------------------------------------------------------------------------
-def export_and_reload(run: Run) -> Dict[str, Any]:
-    """Write the best weights as model.safetensors + config.json, reload them through timm's
-    pretrained path, and measure the reloaded model on the validation split."""
-    import timm
-    from ..weights.convert import pretrained_cfg_for_data, save_model_folder
-    best = run.run_dir / 'model_best.pth.tar'
-    data = ckpt_io.load_checkpoint(best if best.is_file() else run.run_dir / 'last.pth.tar')
-    weights = data['ema'] if data.get('ema') is not None else data['model']
-    model = timm.create_model(run.cfg.model, **run.record.arch_kwargs)
-    model.load_state_dict(weights, strict=True)
-    data, size = run.record.data_config, run.record.data_config['input_size']
-    # the test size and crop are the ones validation used (the reference's S / (S + 32) with it)
-    test_size, test_crop = data.get('val_input_size', size), data.get('val_crop_pct', data['crop_pct'])
-    model.pretrained_cfg = pretrained_cfg_for_data(
-        model, size, test_size, data['crop_pct'], test_crop, mean=data['mean'], std=data['std'],
-        interpolation=data['interpolation'], hf_hub_id=None, tag=None, origin_url=None)
-    out = Path(run.cfg.export) if run.cfg.export else run.run_dir / 'export'
-    save_model_folder(model, out, metadata={'trained_with': 'timm-nfnet-train'})
-    # timm's own pretrained path: the architecture and its arguments come from config.json
-    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
-    result: Dict[str, Any] = {'export_dir': str(out)}
-    if run.data.val is not None:
-        single = _single_process(run)
-        loader = build_loader(run.data.val.dataset.dataset, EpochSampler(
-            len(run.data.val.dataset), run.data.val.batch_size, shuffle=False), run.cfg, run.dist.device)
-        result.update(evaluate(reloaded.to(run.dist.device), loader, single))
-    return result
-
-
-def _single_process(run: Run) -> Run:
-    """``run`` seen as a single process (for evaluating on one rank)."""
-    import dataclasses
-    return dataclasses.replace(run, dist=DistInfo(0, 1, run.dist.device))
-
-
-# --- command ---------------------------------------------------------------------------------
-def _announce(run: Run, sources: Dict[str, str], notes: Sequence[str]) -> None:
-    settings = run.cfg.to_dict()
-    text = format_settings(settings, sources, run.record.derived)
-    ckpt_io.write_text_atomic(settings_yaml(settings, sources, run.record.derived), run.run_dir / 'args.yaml')
-    _logger.info(f'timm-nfnet-train: {run.cfg.model} on {run.record.derived["dataset"]}, run folder {run.run_dir}')
-    _logger.info(text)
-    for note in notes:
-        _logger.info(f'note: {note}')
-    _logger.info(f'resolved settings saved to {run.run_dir / "args.yaml"}')
-
-
-def _finish(run: Run, state: Dict[str, Any]) -> None:
-    if run.dist.distributed:
-        prints = _gather(weights_fingerprint(run.parts.module), run.dist)
-        if run.dist.primary:
-            same = len(set(prints)) == 1
-            for rank, fp in enumerate(prints):
-                _logger.info(f'rank {rank} weights sha256 {fp}')
-            _logger.info(f'DDP check: weights {"identical" if same else "DIFFERENT"} on all {len(prints)} ranks')
-    if not run.dist.primary:
-        return
-    best = state['best']
-    where = run.run_dir / ('model_best.pth.tar' if (run.run_dir / 'model_best.pth.tar').is_file() else 'last.pth.tar')
-    if best.get('metric') == 'eval_top1':
-        _logger.info(f'best top-1 {best["value"]:.2f}% at epoch {best["epoch"]}; checkpoint {where}')
-    else:
-        _logger.info(f'best {best.get("metric")} {best.get("value", float("nan")):.4f} at epoch {best.get("epoch")}; '
-                     f'checkpoint {where}')
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``timm-nfnet-train`` / ``python -m timm_nfnet_ext.train``."""
-    _STOP.signal = None
-    _STOP.install()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
-    try:
-        with command_output():
-            return _main(argv)
-    finally:
-        _STOP.uninstall()
-
-
-def _main(argv: Optional[Sequence[str]]) -> int:
-    run = None
-    try:
-        cfg, sources, notes = resolve_settings(argv)
-        info = init_distributed(cfg.device)
-        run = prepare(cfg, info)
-        if info.primary:
-            _announce(run, sources, notes + run.record.notes)
-            ckpt_io.remove_stale_temps(run.run_dir)
-    except TrainError as e:
-        print(f'timm-nfnet-train: error: {e}', file=sys.stderr)
-        _shutdown(barrier=False)
-        return EXIT_BAD_INPUT
-    try:
-        state = train(run)
-    except FloatingPointError as e:
-        print(f'timm-nfnet-train: error: training diverged: {e}', file=sys.stderr)
-        _shutdown(barrier=False)
-        return EXIT_DIVERGED
-    except Preempted as e:
-        print(f'timm-nfnet-train: stopped on {e}: checkpoint written, exit code {EXIT_PREEMPTED}; '
-              'start again with --resume auto', file=sys.stderr)
-        _shutdown()
-        return EXIT_PREEMPTED
-    _finish(run, state)
-    _shutdown()  # before the export: other ranks must not wait on it past the collective timeout
-    if run.cfg.export is not None and run.dist.primary:
-        result = export_and_reload(run)
-        if 'top1' in result:
-            _logger.info(f'exported {result["export_dir"]}/model.safetensors + config.json; reloaded through timm: '
-                  f'validation top-1 {result["top1"]:.2f}%, top-5 {result["top5"]:.2f}%')
-        else:
-            _logger.info(f'exported {result["export_dir"]}/model.safetensors + config.json')
-    return 0
-
-
-def _shutdown(barrier: bool = True) -> None:
-    if dist.is_available() and dist.is_initialized():
-        if barrier:
-            dist.barrier()
-            release_store(dist.get_rank(), dist.get_world_size())
-        dist.destroy_process_group()
-
