@@ -20,7 +20,8 @@ from timm.layers import register_notrace_module
 
 from ..layers.activations import Activation, apply_activation
 from ..layers.conv import WSConv2d, conv2d_same
-from ..models.nfnet import NFNet, feature_indices
+from ..models.contract import feature_indices
+from ..models.nfnet import NFNet
 from . import switches
 from .gelu import gelu_tanh
 from .grouped_ws import GROUPED, plan_groups, standardized_once

@@ -1,5 +1,8 @@
 """DeepMind's RandAugment (``autoaugment.distort_image_with_randaugment``) on uint8 CHW tensors.
 
+One file for the 16 ops and their level rules (over 500 lines with them), so that the whole
+policy reads in one place, as the reference's ``autoaugment.py`` does.
+
 The NFNet reference applies ``num_layers`` (4) layers to each mixed, clipped, uint8 image; each
 layer picks one of the 16 ops of :data:`OPS` uniformly and always applies it at the shared
 magnitude ``M`` (no probability gate: the reference draws a probability per op but never uses

@@ -1,16 +1,13 @@
-"""DeepMind's NFNets (Brock et al. 2021, arXiv:2102.06171) for timm, exact to the JAX reference.
+"""DeepMind's NFNet (Brock et al. 2021, arXiv:2102.06171), exact to the JAX reference.
 
-One config dataclass (``NfNetCfg``), one block (``NFBlock``), one model (``NFNet``); then the
-pretrained configs and the ``@register_model`` entry points:
+One config dataclass (``NfNetCfg``), one block (``NFBlock``), one model (``NFNet``) with timm's
+model interface; the variants and their registry entries are in ``registry.py``, the speed
+paths in ``accel/``. Symbols follow the paper: ``alpha`` (residual scale),
+``beta = 1/expected_std`` (block input scale), ``gamma`` (activation gain, folded into the next
+conv, see ``layers/conv.py``).
 
-- ``nfnet_f0`` ... ``nfnet_f7``: NFNet-F0..F7 (they replace timm's weightless entries of the
-  same names; timm's ``dm_nfnet_*`` stay as they are);
-- ``nfnet_f0_plus`` ... ``nfnet_f7_plus``: the wide "F+" variants;
-- ``nf_seresnextd_f0`` ... ``_f3``, ``nf_seresnext50d``, ``nf_seresnext101d``: the paper's
-  NF-SE-ResNeXt-D baseline (one grouped 3x3 conv per block, widths 256/512/1024/2048).
-
-Symbols follow the paper: ``alpha`` (residual scale), ``beta = 1/expected_std`` (block input
-scale), ``gamma`` (activation gain, folded into the next conv, see ``layers.py``).
+The network is ``NfNetCfg``, ``NFBlock`` and ``NFNet.__init__`` / ``forward_features``; the
+rest of the file (over 500 lines with it) is timm's model interface with its documentation.
 """
 # No ``from __future__ import annotations`` here: torch.fx copies ``NFNet.forward``'s annotations
 # into the code it generates, where a string annotation becomes a name TorchScript cannot resolve
@@ -22,12 +19,13 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, get_device_dtype, register_notrace_function
+from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import checkpoint, checkpoint_seq
 
 from ..layers import Activation, SqueezeExcite, StochasticDepthMask, WSConv2d, gamma_of
+from .contract import activation_alias, check_input, feature_indices
 
-__all__ = ['NfNetCfg', 'NFBlock', 'NFNet', 'check_input', 'feature_indices']
+__all__ = ['NfNetCfg', 'NFBlock', 'NFNet']
 
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -61,17 +59,17 @@ class NfNetCfg:
     depths: Tuple[int, ...] = (1, 2, 6, 3)
     widths: Tuple[int, ...] = (256, 512, 1536, 1536)
     strides: Tuple[int, ...] = (1, 2, 2, 2)
-    group_width: IntOrSeq = 128          # channels per group of the 3x3 convs (per stage if a sequence)
-    expansion: IntOrSeq = 0.5            # bottleneck width = int(expansion * width)
-    big_width: bool = True               # bottleneck from the block's output width (else its input)
-    use_two_convs: bool = True           # NFNet: two grouped 3x3 convs; NF-SE-ResNeXt-D: one
-    stem_widths: Tuple[int, ...] = (16, 32, 64)  # the 4th stem conv has widths[0] // 2
-    alpha: float = 0.2                   # residual branch scale
+    group_width: IntOrSeq = 128
+    expansion: IntOrSeq = 0.5
+    big_width: bool = True
+    use_two_convs: bool = True
+    stem_widths: Tuple[int, ...] = (16, 32, 64)
+    alpha: float = 0.2
     se_ratio: float = 0.5
-    activation: str = 'gelu'             # any of layers.GAMMAS; gelu is JAX's tanh form
+    activation: str = 'gelu'
     final_conv_mult: float = 2.0
-    drop_rate: float = 0.2               # dropout before the classifier (train only)
-    drop_path_rate: float = 0.0          # stochastic depth; the paper trained with 0.25
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.0  # the paper trained with 0.25 (the paper recipe's --drop-path)
 
     def __post_init__(self):
         n = len(self.depths)
@@ -222,84 +220,6 @@ class NFBlock(nn.Module):
         return torch.addcmul(shortcut, out, scale[:, :, None, None])
 
 
-def _shape_str(shape: List[int]) -> str:
-    """A shape as Python prints a tuple, ``(2, 3, 64, 64)``, also inside TorchScript."""
-    return '(' + ', '.join([str(d) for d in shape]) + (',)' if len(shape) == 1 else ')')
-
-
-@register_notrace_function  # a leaf for torch.fx: it checks concrete shapes
-def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
-    """Raise a ``ValueError`` naming what is wrong with an NCHW input batch.
-
-    Written for TorchScript too: a model traced by torch.fx and then scripted calls it directly.
-
-    Args:
-        x: the input batch.
-        in_chans: the channels the model expects.
-        min_size: the smallest height and width the model takes (its total stride).
-
-    Raises:
-        ValueError: ``x`` is not 4-dimensional, has other than ``in_chans`` channels, or is
-            smaller than ``min_size`` in height or width.
-    """
-    shape: List[int] = list(x.shape)
-    if len(shape) != 4:
-        raise ValueError('expected an NCHW batch (4 dims), got shape ' + _shape_str(shape))
-    if shape[1] != in_chans:
-        raise ValueError(f'expected {in_chans} input channels, got {shape[1]} (shape ' + _shape_str(shape) + ')')
-    if min(shape[2], shape[3]) < min_size:
-        raise ValueError(
-            f'input {shape[2]}x{shape[3]} is too small: this NFNet needs at least '
-            f'{min_size}x{min_size} (its total stride)')
-
-
-def feature_indices(num_features: int, indices: Optional[Union[int, List[int]]] = None) -> Tuple[List[int], int]:
-    """The taps a ``forward_intermediates(indices=...)`` call asks for, in timm's convention.
-
-    Args:
-        num_features: how many taps the model has.
-        indices: None for all of them, an int ``n`` for the last ``n``, or a list of indices
-            (negative ones count from the end).
-
-    Returns:
-        The absolute indices, in the order given, and the largest of them.
-
-    Raises:
-        ValueError: an index out of range, or none selected.
-    """
-    if indices is None:
-        indices = num_features
-    if isinstance(indices, int):
-        if not 0 < indices <= num_features:
-            raise ValueError(f'last-n indices={indices} is out of range (1 to {num_features})')
-        taken = list(range(num_features - indices, num_features))
-    else:
-        taken = []
-        for i in indices:
-            index = num_features + i if i < 0 else i
-            if not 0 <= index < num_features:
-                raise ValueError(f'feature index {i} is out of range ({-num_features} to {num_features - 1})')
-            taken.append(index)
-        if not taken:
-            raise ValueError('indices selects no feature')
-    return taken, max(taken)
-
-
-def _activation_alias(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """timm's ``act_layer`` keyword, by name, as this architecture's ``activation``: DeepMind's
-    gamma table needs a name it knows (``gelu``, ``relu``, ``silu``, ...), not a layer class."""
-    if 'act_layer' not in kwargs:
-        return kwargs
-    kwargs = dict(kwargs)
-    act = kwargs.pop('act_layer')
-    if not isinstance(act, str):
-        raise TypeError(f'act_layer must be an activation name of the gamma table (e.g. "relu"), got {act!r}')
-    if kwargs.get('activation', act) != act:
-        raise TypeError(f"act_layer={act!r} and activation={kwargs['activation']!r} disagree")
-    kwargs['activation'] = act
-    return kwargs
-
-
 class NFNet(nn.Module):
     """Normalizer-Free Network (DeepMind's ``NFNet``) with timm's model interface.
 
@@ -339,7 +259,7 @@ class NFNet(nn.Module):
             **overrides: Any,
     ):
         super().__init__()
-        overrides = _activation_alias(overrides)
+        overrides = activation_alias(overrides)
         unknown = sorted(set(overrides) - CFG_FIELDS)
         if unknown:
             raise TypeError(

@@ -18,7 +18,8 @@ from timm_nfnet_hub.names import NAMESPACE_ENV
 from .. import accel
 from ..variants import F_VARIANTS, NFNET_WIDTHS, PLUS_WIDTHS, SERESNEXT_WIDTHS, Variant, reference_crop_pct
 from ..weights.checkpoint import checkpoint_filter_fn
-from .nfnet import NFNet, NfNetCfg, check_input
+from .contract import check_input
+from .nfnet import NFNet, NfNetCfg
 
 __all__ = ['MODEL_CFGS', 'default_cfgs', 'hub_repo_id', 'HUB_NAMESPACE_ENV']
 
