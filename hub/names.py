@@ -4,7 +4,7 @@ import re
 
 __all__ = ['NAMESPACE_ENV', 'TAG_PATTERN']
 
-# The Hub user or organisation that the pretrained cfgs point at (timm_nfnet_ext.models.registry)
+# The Hub user or organisation that the pretrained cfgs point at (timm_nfnet_ext.models.nfnet)
 # and that `timm-nfnet-hub publish` writes to.
 NAMESPACE_ENV = 'TIMM_NFNET_HUB_NAMESPACE'
 

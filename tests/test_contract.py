@@ -280,7 +280,7 @@ def test_import_forward_and_backward_print_no_warnings():
 _PACKAGE = Path(timm_nfnet_ext.__file__).parent
 _ALL_FILES = sorted(str(p.relative_to(_PACKAGE)) for p in _PACKAGE.rglob('*.py'))
 # the network as DeepMind wrote it: these files import no speed path and no private torch API
-_REFERENCE_FILES = ['models/nfnet.py', 'models/contract.py'] + sorted(str(p.relative_to(_PACKAGE)) for p in (_PACKAGE / 'layers').glob('*.py'))
+_REFERENCE_FILES = ['models/network.py', 'models/contract.py'] + sorted(str(p.relative_to(_PACKAGE)) for p in (_PACKAGE / 'layers').glob('*.py'))
 
 
 @pytest.mark.parametrize('filename', _ALL_FILES)

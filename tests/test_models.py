@@ -33,7 +33,9 @@ def test_every_family_member_is_registered():
     assert expected == set(MODEL_CFGS)
     for name in expected:
         assert timm.is_model(name)
-        assert timm.models.model_entrypoint(name).__module__ == 'timm_nfnet_ext.models.registry'
+        assert timm.models.model_entrypoint(name).__module__ == 'timm_nfnet_ext.models.nfnet'
+    # listed with timm's own NFNets: timm's forward_intermediates tests select models by module name
+    assert expected <= set(timm.list_models(module='nfnet'))
     # timm's own DeepMind ports stay untouched
     assert timm.models.model_entrypoint('dm_nfnet_f0').__module__ == 'timm.models.nfnet'
 

@@ -3,7 +3,7 @@
 Everything that differs between NFNet-F0 ... F7 lives here, from DeepMind's ``nfnet_params``
 (``nfnets/base.py``), its experiment config and the paper: depths, train and test resolutions,
 dropout, RandAugment magnitude, and the released weights with their reported accuracy. The
-model configs and pretrained cfgs (``nfnet.py``), the paper recipe (``train_recipe.py``), the
+model configs and pretrained cfgs (``models/nfnet.py``), the paper recipe (``train/recipe.py``), the
 eval preprocessing, the Hub release checks and the docs read it; nothing else states these
 numbers.
 """

@@ -21,7 +21,7 @@ from timm.layers import register_notrace_module
 from ..layers.activations import Activation, apply_activation
 from ..layers.conv import WSConv2d, conv2d_same
 from ..models.contract import feature_indices
-from ..models.nfnet import NFNet
+from ..models.network import NFNet
 from . import switches
 from .gelu import gelu_tanh
 from .grouped_ws import GROUPED, plan_groups, standardized_once
