@@ -146,3 +146,32 @@ def test_bad_input(jpegs):
         ReferenceTrainBatch(magnitude=40)
     with pytest.raises(ValueError, match='num_classes'):
         ReferenceTrainBatch(num_classes=0)
+
+
+@pytest.mark.parametrize('mode, fallback', [('L', False), ('RGB', True), ('CMYK', False)])
+def test_only_three_component_jpegs_fall_back_to_the_centre_crop(tmp_path, mode, fallback):
+    """The reference compares the JPEG header's [H, W, components] with the decoded [H, W, 3]:
+    grayscale and CMYK files keep the whole image when no crop is found (an 8x200 image: no
+    window of 10% of it has an aspect in [3/4, 4/3])."""
+    import io
+    from PIL import Image
+    from timm_nfnet_ext.data import ReferenceTrainTransform, decode_image
+    from timm_nfnet_ext.data.crop import center_crop_window
+    from timm_nfnet_ext.data.decode import jpeg_components
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, 'JPEG', quality=95)
+    data = buf.getvalue()
+    assert jpeg_components(data) == {'L': 1, 'RGB': 3, 'CMYK': 4}[mode]
+    full = torch.from_numpy(decode_image(data))
+    transform = ReferenceTrainTransform(S, flip=False)
+    out = transform(data, np.random.default_rng(1))
+    top, left, h, w = center_crop_window(8, 200, (S, S)) if fallback else (0, 0, 8, 200)
+    want = resize_crop(full[top:top + h, left:left + w].contiguous(), (S, S), (0, 0, S, S))
+    assert torch.equal(out, want.contiguous())
+    path = tmp_path / 'image.jpg'  # a file read through the training dataset: the same rule
+    path.write_bytes(data)
+    from timm_nfnet_ext.data import ReferenceTrainDataset
+    dataset = ReferenceTrainDataset([(str(path), 0)], transform)
+    assert torch.equal(dataset[(0, 1)][0], want.contiguous())

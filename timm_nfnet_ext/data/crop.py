@@ -142,11 +142,14 @@ def sample_distorted_crop(height: int, width: int, generator: np.random.Generato
                           min_object_covered: float = 0.1,
                           aspect_ratio_range: Tuple[float, float] = (3 / 4, 4 / 3),
                           area_range: Tuple[float, float] = (0.08, 1.0),
-                          max_attempts: int = 10) -> Window:
+                          max_attempts: int = 10, fallback: bool = True) -> Window:
     """The reference's training crop window (``_decode_and_random_crop``).
 
     :func:`distorted_crop_window`, and where that returns the whole image (every attempt failed,
     or the one drawn happened to be the image) :func:`center_crop_window` for ``img_size``.
+    The reference tests "the whole image" by comparing the JPEG header's ``[H, W, components]``
+    with the decoded ``[H, W, 3]``: for a grayscale (1) or CMYK (4) JPEG the two never match and
+    the whole image is kept (``fallback=False``).
 
     Args:
         height: decoded image height.
@@ -157,6 +160,8 @@ def sample_distorted_crop(height: int, width: int, generator: np.random.Generato
         aspect_ratio_range: see :func:`distorted_crop_window`.
         area_range: see :func:`distorted_crop_window`.
         max_attempts: see :func:`distorted_crop_window`.
+        fallback: take the centre crop when the window is the whole image (the reference does
+            for 3-component JPEGs only).
 
     Returns:
         ``(top, left, h, w)`` of the window to crop from the decoded image.
@@ -168,7 +173,7 @@ def sample_distorted_crop(height: int, width: int, generator: np.random.Generato
     window = distorted_crop_window(height, width, generator, min_object_covered=min_object_covered,
                                    aspect_ratio_range=aspect_ratio_range, area_range=area_range,
                                    max_attempts=max_attempts)
-    if window[2] == height and window[3] == width:
+    if fallback and window[2] == height and window[3] == width:
         return center_crop_window(height, width, img_size)
     return window
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from .decode import ImageDecodeError, decode_image
+from .decode import ImageDecodeError
 from .transforms import ReferenceEvalTransform
 
 __all__ = ['FileImageDataset']
@@ -88,7 +88,7 @@ class FileImageDataset(Dataset):
 
     def _apply(self, data: bytes, name: str) -> torch.Tensor:
         if self._decode_files:
-            return self.transform.from_array(decode_image(data, source=name))
+            return self.transform.from_bytes(data, name)
         return self.transform(_pil_rgb(data, name))
 
 

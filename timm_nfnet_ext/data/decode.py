@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-__all__ = ['ImageDecodeError', 'decode_image', 'image_format']
+__all__ = ['ImageDecodeError', 'decode_image', 'image_format', 'jpeg_components']
 
 _JPEG, _PNG, _GIF = 'JPEG', 'PNG', 'GIF'
 _REFUSED = {
@@ -90,6 +90,24 @@ def decode_image(data: bytes, source: Optional[str] = None) -> np.ndarray:
         raise ImageDecodeError(f'{where}: {fmt} image: {_REFUSED[fmt]}; convert it to PNG or JPEG '
                                'or evaluate with timm\'s pipeline')
     raise ImageDecodeError(f'{where}: not a JPEG, PNG or GIF image (starts with {bytes(data[:8])!r})')
+
+
+def jpeg_components(data: bytes) -> Optional[int]:
+    """The number of colour components in a JPEG's frame header (what TensorFlow's
+    ``extract_jpeg_shape`` reports as channels): 1 grayscale, 3 YCbCr / RGB, 4 CMYK / YCCK.
+
+    Args:
+        data: the encoded file.
+
+    Returns:
+        The count, or None for data that is not a JPEG or whose header cannot be read.
+    """
+    if image_format(data) != _JPEG:
+        return None
+    try:
+        return _jpeg_header(data, '')[1] or None
+    except ImageDecodeError:
+        return None
 
 
 def _jpeg_header(data: bytes, where: str) -> Tuple[bytes, int, bool]:

@@ -20,6 +20,7 @@ samples in it. A loader is built as::
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset
 from ..variants import F_VARIANTS, Variant, variant_of
 from .crop import sample_distorted_crop
 from .datasets import FileImageDataset
+from .decode import decode_image, jpeg_components, read_image_bytes
 from .mixing import mix_batch
 from .randaugment import RandAugment
 from .resize import resize_crop
@@ -121,13 +123,34 @@ class ReferenceTrainTransform:
             ImageDecodeError: an unreadable or corrupt image (naming the file).
             TypeError: an unsupported input, or a generator that is not a numpy Generator.
         """
+        if _is_encoded(image):
+            data, name = _read_encoded(image)
+            return self.from_decoded(decode_image(data, source=name), generator, jpeg_components(data))
+        return self.from_decoded(to_rgb_array(image), generator)
+
+    def from_decoded(self, hwc: np.ndarray, generator: Optional[np.random.Generator] = None,
+                     components: Optional[int] = None) -> torch.Tensor:
+        """Crop, flip and resize one decoded image.
+
+        Args:
+            hwc: a uint8 ``(H, W, 3)`` array (the reference decoder's output).
+            generator: as in :meth:`__call__`.
+            components: the colour components of the JPEG it was decoded from, if it was one:
+                for other than 3 the reference never falls back to the centre crop (see
+                :func:`~timm_nfnet_ext.data.crop.sample_distorted_crop`).
+
+        Returns:
+            ``(3, S_h, S_w)`` float32 tensor, unclipped.
+
+        Raises:
+            TypeError: a generator that is not a numpy Generator.
+        """
         if generator is None:
             generator = _worker_generator()
         elif not isinstance(generator, np.random.Generator):
             raise TypeError(f'generator must be a numpy.random.Generator, not {type(generator).__name__}')
-        hwc = to_rgb_array(image)
         top, left, h, w = sample_distorted_crop(hwc.shape[0], hwc.shape[1], generator, img_size=self.img_size,
-                                                **self.crop_args)
+                                                fallback=components in (None, 3), **self.crop_args)
         flip = self.flip and generator.random() < 0.5
         if not hwc.flags.writeable or hwc.strides[1:] != (3, 1):
             hwc = np.array(hwc, order='C')  # torch wraps writable arrays with contiguous pixels
@@ -142,8 +165,21 @@ class ReferenceTrainTransform:
                 f'{self.crop_args}, flip={self.flip}, resize=tf-bicubic (unclamped))')
 
 
+def _is_encoded(image: Any) -> bool:
+    """A path, a binary file or encoded bytes (not a decoded image)."""
+    return isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)) or hasattr(image, 'read')
+
+
+def _read_encoded(image: Any) -> Tuple[bytes, Optional[str]]:
+    """The bytes of an encoded image, and its file's name where it has one."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image), None
+    return read_image_bytes(image)
+
+
 class _DecodedImage(ReferenceEvalTransform):
-    """Makes :class:`FileImageDataset` hand over the reference decoder's array untouched.
+    """Makes :class:`FileImageDataset` hand over the reference decoder's array untouched, with the
+    JPEG's component count (None where there was no file).
 
     FileImageDataset decodes files with the reference's decoder only for eval transforms; the
     training transform needs the same files and decoding, with its own generator per sample.
@@ -152,8 +188,17 @@ class _DecodedImage(ReferenceEvalTransform):
     def __init__(self) -> None:
         super().__init__(1)
 
+    def __call__(self, image: ImageInput) -> Any:  # type: ignore[override]
+        if _is_encoded(image):  # a path or file in a plain list of samples: keep its components
+            data, name = _read_encoded(image)
+            return self.from_bytes(data, name)
+        return self.from_array(image)
+
+    def from_bytes(self, data: bytes, source: Optional[str] = None) -> Any:  # type: ignore[override]
+        return decode_image(data, source=source), jpeg_components(data)
+
     def from_array(self, image: Union[np.ndarray, torch.Tensor]) -> Any:  # type: ignore[override]
-        return image
+        return to_rgb_array(image), None
 
 
 class ReferenceTrainDataset(Dataset):
@@ -199,8 +244,8 @@ class ReferenceTrainDataset(Dataset):
         """Sample ``key``: an index (its seed from ``(seed, epoch, index)``), or an ``(index, seed)``
         pair from a sampler that seeds its samples itself (``timm-nfnet-train``'s ``EpochSampler``)."""
         index, seed = key if isinstance(key, tuple) else (key, sample_seed(self.seed, self.epoch, int(key)))
-        image, target = self.files[index]
-        return self.transform(image, np.random.default_rng(seed)), target, seed
+        (image, components), target = self.files[index]
+        return self.transform.from_decoded(image, np.random.default_rng(seed), components), target, seed
 
 
 class ReferenceTrainBatch:

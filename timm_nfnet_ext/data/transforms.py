@@ -73,6 +73,22 @@ class ReferenceEvalTransform:
         hwc = to_rgb_array(image)
         return self.from_array(hwc)
 
+    def from_bytes(self, data: bytes, source: Optional[str] = None) -> torch.Tensor:
+        """Preprocesses one encoded image (decoded as TensorFlow decodes it).
+
+        Args:
+            data: the file's bytes.
+            source: the file's name, for error messages.
+
+        Returns:
+            ``(3, S, S)`` float32 tensor, normalised, unclamped.
+
+        Raises:
+            ImageDecodeError: an empty, truncated or corrupt file, or a format the reference's
+                decoder does not read.
+        """
+        return self.from_array(decode_image(data, source=source))
+
     def from_array(self, image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """Resize, crop and normalise an already decoded uint8 ``(H, W, 3)`` image.
 
