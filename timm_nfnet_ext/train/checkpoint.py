@@ -45,7 +45,12 @@ _KEEP_DIGESTS = 2  # the new content's entry and the one it replaces (valid unti
 
 # --- RNG states as tensors and plain values --------------------------------------------------
 def capture_rng() -> Dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states, as tensors / ints / floats."""
+    """Python, NumPy, torch (and CUDA) RNG states, as tensors / ints / floats.
+
+    Returns:
+        ``{'python', 'numpy', 'torch'}`` (and ``'cuda'`` once CUDA is initialised), loadable with
+        ``torch.load(weights_only=True)``.
+    """
     version, py_state, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state: Dict[str, Any] = {
@@ -60,7 +65,11 @@ def capture_rng() -> Dict[str, Any]:
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:
-    """Undo :func:`capture_rng`."""
+    """Undo :func:`capture_rng`.
+
+    Args:
+        state: a :func:`capture_rng` result; its CUDA states are restored only where CUDA is available.
+    """
     py = state['python']
     random.setstate((py['version'], tuple(int(v) for v in py['state'].tolist()), py['gauss']))
     npy = state['numpy']
@@ -73,7 +82,17 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 # --- checksums -------------------------------------------------------------------------------
 def file_digest(path: os.PathLike) -> Dict[str, Any]:
-    """``{'size', 'sha256'}`` of a file's content."""
+    """``{'size', 'sha256'}`` of a file's content.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``{'size': bytes, 'sha256': hex digest}``.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     h = hashlib.sha256()
     size = 0
     with open(path, 'rb') as f:
@@ -103,7 +122,17 @@ def _record(folder: Path, name: str, digests: List[Dict[str, Any]]) -> None:
 
 def verify(path: os.PathLike) -> Optional[str]:
     """Why ``path`` is not the complete file this command wrote (``None``: it is, or nothing was
-    recorded for it, e.g. a checkpoint of an older version: then only loading it can tell)."""
+    recorded for it, e.g. a checkpoint of an older version: then only loading it can tell).
+
+    Args:
+        path: the file, checked against its folder's ``checksums.json``.
+
+    Returns:
+        The reason it is damaged (truncated, half-written or corrupt), or ``None``.
+
+    Raises:
+        OSError: a file with recorded checksums that cannot be read (or no longer exists).
+    """
     path = Path(path)
     entries = _read_checksums(path.parent).get(path.name)
     if not entries:
@@ -120,7 +149,15 @@ def verify(path: os.PathLike) -> Optional[str]:
 # --- atomic files (timm_nfnet_ext.files) ------------------------------------------------------
 def save_atomic(obj: Any, path: os.PathLike) -> Path:
     """``torch.save`` to a temporary name next to ``path``, fsync, record its checksum, rename
-    over ``path``."""
+    over ``path``.
+
+    Args:
+        obj: what to save (tensors and plain values, to load with ``weights_only=True``).
+        path: the file to write.
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f:
@@ -133,7 +170,15 @@ def save_atomic(obj: Any, path: os.PathLike) -> Path:
 
 def copy_atomic(src: os.PathLike, dst: os.PathLike) -> Path:
     """Give ``dst`` the content of ``src``: a hard link (or a copy) under a temporary name, renamed
-    (its recorded checksum goes with it)."""
+    (its recorded checksum goes with it, within one folder).
+
+    Args:
+        src: the file to copy.
+        dst: the file to write.
+
+    Returns:
+        ``dst``.
+    """
     src, dst = Path(src), Path(dst)
     with atomic_path(dst) as tmp:
         try:
@@ -147,7 +192,14 @@ def copy_atomic(src: os.PathLike, dst: os.PathLike) -> Path:
 
 
 def remove_stale_temps(folder: os.PathLike) -> List[Path]:
-    """Delete temporary files a killed run of this command left in ``folder``."""
+    """Delete temporary files a killed run of this command left in ``folder``.
+
+    Args:
+        folder: the run folder.
+
+    Returns:
+        The files deleted.
+    """
     removed = []
     for p in Path(folder).iterdir():
         if p.is_file() and _TMP.match(p.name):
@@ -159,7 +211,18 @@ def remove_stale_temps(folder: os.PathLike) -> List[Path]:
 # --- reading ---------------------------------------------------------------------------------
 def load_checkpoint(path: os.PathLike) -> Dict[str, Any]:
     """Read a checkpoint of this command safely (its size and SHA-256 checked against the folder's
-    ``checksums.json`` first); ``TrainError`` naming the problem otherwise."""
+    ``checksums.json`` first); ``TrainError`` naming the problem otherwise.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The checkpoint dict, its tensors on the CPU.
+
+    Raises:
+        TrainError: the file does not exist, does not match its recorded checksum, cannot be read
+            with ``weights_only=True``, is not this command's, or is incomplete or of another version.
+    """
     path = Path(path)
     if not path.is_file():
         raise TrainError(f'checkpoint {str(path)!r} does not exist')
@@ -184,7 +247,17 @@ def load_checkpoint(path: os.PathLike) -> Dict[str, Any]:
 
 
 def check_compatible(ckpt: Mapping[str, Any], identity: Mapping[str, Any], path: str) -> None:
-    """Raise ``TrainError`` listing every way the checkpoint's run differs from this one."""
+    """Raise ``TrainError`` listing every way the checkpoint's run differs from this one.
+
+    Args:
+        ckpt: the checkpoint (its ``identity`` and ``step``).
+        identity: this run's identity (``RunRecord.identity``).
+        path: the checkpoint's file, for the message.
+
+    Raises:
+        TrainError: the model, its arguments, classes, optimizer, AGC or EMA differ, or the global batch
+            differs for a checkpoint written in the middle of an epoch.
+    """
     theirs = ckpt['identity']
     keys = ('model', 'model_args', 'num_classes', 'opt', 'agc', 'model_ema')
     diffs = [f'{k}: checkpoint {theirs.get(k)!r}, now {identity.get(k)!r}'
@@ -206,7 +279,15 @@ def _norm(v: Any) -> Any:
 
 
 def list_checkpoints(folder: os.PathLike) -> List[Path]:
-    """This command's resumable checkpoints in ``folder``, newest first."""
+    """This command's resumable checkpoints in ``folder``, newest first.
+
+    Args:
+        folder: the run folder.
+
+    Returns:
+        ``last``, ``previous`` and ``checkpoint-N`` files by modification time, newest first (empty
+        when the folder does not exist).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -217,7 +298,17 @@ def list_checkpoints(folder: os.PathLike) -> List[Path]:
 def find_latest(folder: os.PathLike) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """The newest good checkpoint of ``folder`` and its content (``None`` when there is none).
     A newer file that is damaged (truncated, corrupt, half-written, unreadable) is reported on
-    the primary process's log and passed over: the previous good one is used."""
+    the primary process's log and passed over: the previous good one is used.
+
+    Args:
+        folder: the run folder.
+
+    Returns:
+        ``(path, checkpoint)``, or ``None`` when the folder holds no checkpoint.
+
+    Raises:
+        TrainError: the folder holds checkpoints but none of them can be read.
+    """
     errors: List[str] = []
     for path in list_checkpoints(folder):
         try:
@@ -236,7 +327,13 @@ def find_latest(folder: os.PathLike) -> Optional[Tuple[Path, Dict[str, Any]]]:
 
 
 def prune(folder: os.PathLike, keep: int, protect: Iterable[Path] = ()) -> None:
-    """Keep the ``keep`` newest ``checkpoint-N.pth.tar`` files."""
+    """Keep the ``keep`` newest ``checkpoint-N.pth.tar`` files.
+
+    Args:
+        folder: the run folder.
+        keep: how many to keep, by epoch number (at least 1).
+        protect: files never deleted.
+    """
     numbered = sorted(Path(folder).glob('checkpoint-*.pth.tar'),
                       key=lambda p: int(re.sub(r'\D', '', p.name) or 0), reverse=True)
     protect = {Path(p).resolve() for p in protect}
@@ -247,7 +344,13 @@ def prune(folder: os.PathLike, keep: int, protect: Iterable[Path] = ()) -> None:
 
 def keep_previous(folder: os.PathLike, name: str = 'last.pth.tar', previous: str = 'previous.pth.tar') -> None:
     """Give ``previous`` the current content of ``name`` (a hard link), before ``name`` is replaced:
-    the fallback when the newest file turns out damaged."""
+    the fallback when the newest file turns out damaged.
+
+    Args:
+        folder: the run folder.
+        name: the file about to be replaced (nothing is done when it does not exist).
+        previous: the fallback's name.
+    """
     folder = Path(folder)
     if (folder / name).is_file():
         copy_atomic(folder / name, folder / previous)

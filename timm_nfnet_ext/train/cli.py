@@ -39,7 +39,21 @@ _logger = logging.getLogger(__name__)
 # --- export ----------------------------------------------------------------------------------
 def export_and_reload(run: Run) -> Dict[str, Any]:
     """Write the best weights as model.safetensors + config.json, reload them through timm's
-    pretrained path, and measure the reloaded model on the validation split."""
+    pretrained path, and measure the reloaded model on the validation split.
+
+    The weights are ``model_best.pth.tar``'s (else ``last.pth.tar``'s), the EMA's when the run kept
+    one. The folder is ``--export`` or ``<run>/export``. The evaluation runs in this process alone.
+
+    Args:
+        run: the finished run (its settings, folder, data config and validation loader).
+
+    Returns:
+        ``{'export_dir': str}``, plus ``loss``, ``top1`` and ``top5`` (%) of the reloaded model when
+        the run has a validation split.
+
+    Raises:
+        TrainError: the checkpoint to export is missing, damaged or not this command's.
+    """
     import timm
     from ..weights.convert import pretrained_cfg_for_data, save_model_folder
     best = run.run_dir / 'model_best.pth.tar'
@@ -103,7 +117,21 @@ def _finish(run: Run, state: Dict[str, Any]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``timm-nfnet-train`` / ``python -m timm_nfnet_ext.train``."""
+    """Entry point of ``timm-nfnet-train`` / ``python -m timm_nfnet_ext.train``.
+
+    Resolves the settings, prepares and trains the run, then reports it and exports it when asked.
+    SIGTERM / SIGUSR1 handlers are installed for the call (and the previous ones put back after).
+
+    Args:
+        argv: the command-line words; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 done, 1 diverged (``EXIT_DIVERGED``), 2 bad input (``EXIT_BAD_INPUT``: a
+        :class:`TrainError`, printed to stderr), 75 preempted (``EXIT_PREEMPTED``: checkpoint written).
+
+    Raises:
+        SystemExit: from argparse, on ``--help`` or a flag it cannot parse.
+    """
     STOP_REQUEST.signal = None
     STOP_REQUEST.install()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
     try:

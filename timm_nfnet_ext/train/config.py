@@ -18,7 +18,10 @@ __all__ = ['TrainConfig', 'TrainError', 'parse_kwargs', 'KwargsAction', 'config_
 
 
 class TrainError(ValueError):
-    """A problem with the command's input, reported before any training step."""
+    """A problem with the command's input, reported before any training step.
+
+    The command prints it and exits with code 2 (``elastic.EXIT_BAD_INPUT``).
+    """
 
 
 def parse_kwargs(values: Sequence[str], flag: str = '--opt-kwargs') -> Dict[str, Any]:
@@ -29,7 +32,7 @@ def parse_kwargs(values: Sequence[str], flag: str = '--opt-kwargs') -> Dict[str,
         flag: the flag's name, for the error message.
 
     Returns:
-        The keywords.
+        The keywords (empty words are skipped).
 
     Raises:
         TrainError: a word without ``=``.
@@ -49,13 +52,30 @@ def parse_kwargs(values: Sequence[str], flag: str = '--opt-kwargs') -> Dict[str,
 
 
 class KwargsAction(argparse.Action):
-    """``--flag key=value ...`` parsed into a dict by :func:`parse_kwargs` (timm's ParseKwargs)."""
+    """``--flag key=value ...`` parsed into a dict by :func:`parse_kwargs` (timm's ParseKwargs).
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    Args:
+        *args: ``argparse.Action``'s positional arguments.
+        **kwargs: ``argparse.Action``'s keywords; ``nargs`` defaults to ``'*'``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault('nargs', '*')
         super().__init__(*args, **kwargs)
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Sequence[str],
+                 option_string: Optional[str] = None) -> None:
+        """Set ``namespace.<dest>`` to the dict of ``values``.
+
+        Args:
+            parser: the parser, for its error report.
+            namespace: the namespace being filled.
+            values: the ``key=value`` words.
+            option_string: the flag as written, for the error message.
+
+        Raises:
+            SystemExit: a word without ``=`` (through ``parser.error``, exit code 2).
+        """
         try:
             setattr(namespace, self.dest, parse_kwargs(values, option_string))
         except TrainError as e:
@@ -63,7 +83,16 @@ class KwargsAction(argparse.Action):
 
 
 def flag(default: Any, *flags: str, **argparse_kwargs: Any) -> Any:
-    """A ``TrainConfig`` field: its default, its command-line flags and their argparse keywords."""
+    """A ``TrainConfig`` field: its default, its command-line flags and their argparse keywords.
+
+    Args:
+        default: the field's default; a list or dict is deep-copied for each instance.
+        *flags: the command-line flags, e.g. ``'-b', '--batch-size'``.
+        **argparse_kwargs: keywords for ``add_argument`` (``help``, ``choices``, ``nargs``...).
+
+    Returns:
+        A ``dataclasses.field`` with ``flags`` and ``argparse`` in its metadata.
+    """
     meta = {'flags': flags, 'argparse': argparse_kwargs}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -72,7 +101,29 @@ def flag(default: Any, *flags: str, **argparse_kwargs: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run (see ``timm-nfnet-train --help`` for each)."""
+    """Every setting of a training run (see ``timm-nfnet-train --help`` for each).
+
+    One field per flag (``--batch-size`` is ``batch_size``); each field's help text is next to it below.
+
+    Attributes:
+        recipe: the preset applied under the command line (``'paper'``, ``'quickstart'`` or ``None``).
+        data_dir, dataset, train_split, val_split, dataset_download, class_map: where the data comes from.
+        model, pretrained, pretrained_path, num_classes, model_kwargs, drop, drop_path: the model to train.
+        img_size, input_size, crop_pct, mean, std, interpolation, val_preprocess, val_img_size: input size and
+            validation preprocessing.
+        batch_size, validation_batch_size, grad_accum_steps, channels_last, grad_checkpointing: batches and memory.
+        device, amp, amp_dtype, device_modules: device and precision.
+        opt, opt_eps, opt_betas, momentum, weight_decay, opt_kwargs, agc, agc_eps: the optimizer and AGC.
+        sched, sched_on_updates, lr, lr_base, lr_base_size, lr_base_scale, warmup_lr, min_lr, epochs,
+            warmup_epochs, warmup_prefix, cooldown_epochs, decay_epochs, decay_milestones, decay_rate: the
+            learning rate schedule (``lr`` is ``None`` until ``setup.prepare`` derives it from the batch).
+        data_pipeline, randaug_magnitude, no_aug, scale, ratio, hflip, vflip, color_jitter, aa, reprob, remode,
+            recount, mixup, cutmix, cutmix_minmax, mixup_prob, mixup_switch_prob, mixup_mode, mixup_off_epoch,
+            smoothing, train_interpolation: augmentation and regularisation.
+        model_ema, model_ema_decay, model_ema_warmup: the EMA of the weights.
+        seed, workers, pin_mem, output, experiment, resume, recovery_interval, checkpoint_hist, eval_metric,
+            log_interval, progress, export, nonfinite_limit: the run, its checkpoints, logs and export.
+    """
 
     # --- recipe
     recipe: Optional[str] = flag(None, '--recipe', choices=('paper', 'quickstart'),
@@ -224,7 +275,7 @@ class TrainConfig:
             settings: one value per field.
 
         Returns:
-            The config.
+            The config (the values are used as given, not copied or checked).
 
         Raises:
             TrainError: a setting that is not a field, or a field without a setting.
@@ -236,12 +287,22 @@ class TrainConfig:
         return cls(**settings)
 
     def to_dict(self) -> Dict[str, Any]:
-        """The settings as a plain dict (field order)."""
+        """The settings as a dict.
+
+        Returns:
+            ``{field name: value}`` in field order (the values themselves, not copies).
+        """
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def config_flags() -> Iterator[Tuple[dataclasses.Field, Dict[str, Any]]]:
-    """Each field with the argparse keywords of its flag (type and boolean action from its annotation)."""
+    """Each field with the argparse keywords of its flag (type and boolean action from its annotation).
+
+    Yields:
+        ``(field, add_argument keywords)`` in field order: a dict field gets
+        :class:`KwargsAction`, a bool ``BooleanOptionalAction`` (unless it sets its own action),
+        an int or float its ``type``.
+    """
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kwargs = dict(f.metadata['argparse'])

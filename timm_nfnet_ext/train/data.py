@@ -36,10 +36,19 @@ class DigitsDataset(Dataset):
 
     A fixed stratified split: ``val_fraction`` of each class is the 'validation' split.
     Items are ``(PIL.Image, label)`` before ``transform``.
+
+    Args:
+        split: ``'train'``, ``'validation'`` or ``'val'``.
+        image_size: the side of the RGB images, upscaled bicubically from 8x8.
+        val_fraction: the fraction of each class held out for validation.
+        transform: applied to each image, or ``None``.
+
+    Raises:
+        TrainError: scikit-learn is not installed, or another split is asked for.
     """
 
     def __init__(self, split: str = 'train', image_size: int = 32, val_fraction: float = 0.2,
-                 transform: Any = None):
+                 transform: Any = None) -> None:
         try:
             from sklearn.datasets import load_digits
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -78,7 +87,16 @@ def _upscale(image: np.ndarray, size: int) -> Any:
 
 
 def epoch_seed(seed: int, epoch: int, read: int = 0) -> int:
-    """The seed of an epoch's order (of its ``read``-th pass over the data, when it reads it more than once)."""
+    """The seed of an epoch's order (of its ``read``-th pass over the data, when it reads it more than once).
+
+    Args:
+        seed: the run's seed.
+        epoch: the epoch.
+        read: the pass over the data within the epoch (0: the first; its seed is the 1-read epoch's).
+
+    Returns:
+        A 32-bit seed from ``numpy.random.SeedSequence``.
+    """
     return int(np.random.SeedSequence([seed, epoch] + ([read] if read else [])).generate_state(1)[0])
 
 
@@ -103,9 +121,13 @@ class SeededDataset(Dataset):
     """Wraps a map-style dataset; ``ds[(index, seed)]`` draws the item's augmentation from ``seed``.
 
     A plain ``ds[index]`` (evaluation: deterministic transforms) skips the RNG seeding.
+    After a seeded item the python, numpy and torch CPU RNG states are put back as they were.
+
+    Args:
+        dataset: the map-style dataset wrapped.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -131,21 +153,37 @@ class EpochSampler(Sampler):
     With ``reads=2`` an epoch is two permutations in a row (the reference pipeline decodes 2B
     images per step of B, so an epoch of the reference's length reads the data twice); each
     read draws other augmentations.
+
+    Args:
+        size: the dataset's length.
+        batch_size: the batch size per process (loader batches).
+        rank: this process's rank.
+        world_size: the number of processes.
+        seed: the run's seed (epoch orders and per-image seeds).
+        shuffle: ``True`` for training, ``False`` for evaluation.
+        accum_steps: micro-batches per optimizer step (an epoch holds whole steps only).
+        reads: passes over the data per epoch.
     """
 
     def __init__(self, size: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, accum_steps: int = 1, reads: int = 1):
+                 shuffle: bool = True, accum_steps: int = 1, reads: int = 1) -> None:
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.shuffle, self.accum_steps, self.reads = seed, shuffle, accum_steps, reads
         self.epoch, self.start = 0, 0
 
     @property
     def micro_batches(self) -> int:
-        """Global micro-batches per epoch (training)."""
+        """Global micro-batches per epoch (training): whole optimizer steps of full micro-batches."""
         n = self.size * self.reads // (self.batch_size * self.world_size)
         return n - n % self.accum_steps
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Position the sampler for the next iteration.
+
+        Args:
+            epoch: the epoch whose order to yield.
+            start: the global micro-batch to start at (a resume in the middle of the epoch).
+        """
         self.epoch, self.start = epoch, start
 
     def _indices(self) -> List[Tuple[int, int]]:
@@ -177,7 +215,18 @@ class EpochSampler(Sampler):
 @dataclass
 class DataBundle:
     """The datasets and the resolved preprocessing (``collate``: the training batches' collate
-    function, None for torch's default)."""
+    function, None for torch's default).
+
+    Attributes:
+        train: the training dataset, its transforms set.
+        val: the validation dataset, or ``None``.
+        data_config: timm's resolved data config, plus ``train_pipeline`` and, with validation,
+            ``val_preprocess``, ``val_input_size`` and ``val_crop_pct``.
+        name: the dataset's name (``'digits'``, ``'ImageFolder'``, or a timm scheme such as ``torch/cifar10``).
+        collate: the training collate (the reference pipeline's mixing), or ``None``.
+        reads: passes over the training data per epoch (2 with the reference pipeline).
+        num_classes: the classes the training split declares, or ``None``.
+    """
     train: Dataset
     val: Optional[Dataset]
     data_config: Dict[str, Any]
@@ -249,7 +298,14 @@ def _make(cfg: TrainConfig, name: str, split: str, is_training: bool, image_size
 
 
 def num_classes_of(dataset: Dataset) -> Optional[int]:
-    """Number of classes a dataset declares (ImageFolder, torch/ and the digits), else None."""
+    """Number of classes a dataset declares (ImageFolder, torch/ and the digits), else None.
+
+    Args:
+        dataset: the dataset (its ``class_to_idx`` or ``classes``, or its timm reader's).
+
+    Returns:
+        The number of classes, or ``None`` when it declares none.
+    """
     for obj in (dataset, getattr(dataset, 'reader', None)):
         for attr in ('class_to_idx', 'classes'):
             value = getattr(obj, attr, None)
@@ -291,6 +347,20 @@ def build_datasets(cfg: TrainConfig, pretrained_cfg: Dict[str, Any]) -> DataBund
     Training uses timm's transforms. Validation uses the reference's eval pipeline with
     ``--val-preprocess reference`` (the paper recipe's default) and timm's otherwise; the data
     config records which (``val_preprocess``, ``val_input_size``, ``val_crop_pct``).
+
+    Args:
+        cfg: the settings (data, sizes, pipelines and augmentation).
+        pretrained_cfg: the model's default pretrained cfg (input size, mean/std, test size).
+
+    Returns:
+        The datasets, their data config, name, collate and classes.
+
+    Raises:
+        TrainError: ``--val-img-size`` without ``--val-preprocess reference``; a dataset without its
+            ``--data-dir``; a missing, empty or split-less data folder; a split timm cannot open, that is
+            iterable or holds no images; validation classes the training split lacks; ``--data-pipeline
+            reference`` with ``--mixup`` not > 0 or an unknown number of classes; scikit-learn missing
+            for the digits.
     """
     from timm.data import create_transform, resolve_data_config
     name = _dataset_name(cfg)
@@ -376,7 +446,18 @@ def build_loader(dataset: Dataset, sampler: EpochSampler, cfg: TrainConfig, devi
                  collate: Optional[Callable[[List[Any]], Any]] = None) -> DataLoader:
     """A torch DataLoader driven by ``sampler``: over ``SeededDataset(dataset)`` (augmentations drawn
     from torch's and numpy's global RNGs, seeded per sample), or, with a ``collate`` (the reference
-    pipeline), over ``dataset`` itself, which takes each sample's seed from the sampler."""
+    pipeline), over ``dataset`` itself, which takes each sample's seed from the sampler.
+
+    Args:
+        dataset: the dataset.
+        sampler: the sampler; its ``batch_size`` is the loader's.
+        cfg: the settings (``workers``, capped at the CPUs; ``pin_mem``; ``seed``).
+        device: the training device (memory is pinned for CUDA only).
+        collate: the batches' collate function, or ``None`` for torch's default.
+
+    Returns:
+        The loader (incomplete batches kept: the sampler drops what an epoch does not use).
+    """
     workers = max(0, min(cfg.workers, _cpus()))  # more workers than CPUs only slows down
     return DataLoader(
         SeededDataset(dataset) if collate is None else dataset, batch_size=sampler.batch_size, sampler=sampler,

@@ -39,13 +39,35 @@ _store: Any = None  # this process's store (on rank 0 also the server: it lives 
 def process_group_timeout() -> datetime.timedelta:
     """The collective timeout: ``$TIMM_NFNET_DIST_TIMEOUT`` seconds (default 600), so that a lost
     peer ends the run with an error instead of gloo's 30-minute wait. It must exceed the longest
-    time one rank works alone (rank 0 writing a checkpoint)."""
+    time one rank works alone (rank 0 writing a checkpoint).
+
+    Returns:
+        The timeout.
+
+    Raises:
+        ValueError: ``$TIMM_NFNET_DIST_TIMEOUT`` is not a number.
+    """
     return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, '600')))
 
 
 def process_group_store(rank: int, world_size: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
     """A store only this attempt of the worker group uses, under torchrun's agent store; ``None``
-    elsewhere (``init_process_group`` then makes its own, fresh, from ``MASTER_ADDR``)."""
+    elsewhere (``init_process_group`` then makes its own, fresh, from ``MASTER_ADDR``).
+
+    Rank 0 serves a new store and publishes its address with a token; the other ranks wait for an
+    address whose store answers with that token.
+
+    Args:
+        rank: this process's rank.
+        world_size: the number of processes.
+        timeout: the stores' timeout, and how long a rank waits for rank 0's address.
+
+    Returns:
+        This attempt's store, or ``None`` outside torchrun's agent store.
+
+    Raises:
+        RuntimeError: rank 0 did not publish a store within ``timeout`` (or the agent's store is unreachable).
+    """
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
         return None
     host, port = os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])
@@ -86,7 +108,14 @@ def _connect(host: str, entry: str, timeout: datetime.timedelta) -> Optional[dis
 
 
 def release_store(rank: int, world_size: int) -> None:
-    """At the end of a run: rank 0 keeps serving the store until every other rank has left it."""
+    """At the end of a run: rank 0 keeps serving the store until every other rank has left it.
+
+    Rank 0 waits at most 30 seconds; nothing is done without a store of :func:`process_group_store`.
+
+    Args:
+        rank: this process's rank.
+        world_size: the number of processes.
+    """
     store = _store
     if store is None:
         return
@@ -100,7 +129,12 @@ def release_store(rank: int, world_size: int) -> None:
 
 class StopRequest:
     """SIGTERM / SIGUSR1 set a flag; :meth:`agreed` tells every rank, at the same step, whether any
-    rank got one (one small all-reduce, which also carries the non-finite flag of the step)."""
+    rank got one (one small all-reduce, which also carries the non-finite flag of the step).
+
+    Attributes:
+        SIGNALS: the names of the signals handled (those this platform lacks are skipped).
+        signal: the first signal received, or ``None``.
+    """
 
     SIGNALS = ('SIGTERM', 'SIGUSR1')
 
@@ -109,6 +143,11 @@ class StopRequest:
         self._previous = {}
 
     def install(self) -> 'StopRequest':
+        """Handle :attr:`SIGNALS` (outside the main thread nothing is installed).
+
+        Returns:
+            ``self``.
+        """
         for name in self.SIGNALS:
             sig = getattr(signal, name, None)
             if sig is None:
@@ -120,6 +159,7 @@ class StopRequest:
         return self
 
     def uninstall(self) -> None:
+        """Put back the handlers :meth:`install` replaced."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
@@ -129,7 +169,17 @@ class StopRequest:
 
     def agreed(self, bad_step: torch.Tensor, distributed: bool) -> Tuple[bool, bool]:
         """``(stop, bad)``: some rank was signalled / the step's loss or gradients are non-finite on
-        some rank. ``bad_step`` is this rank's flag (a bool tensor on the device)."""
+        some rank. ``bad_step`` is this rank's flag (a bool tensor on the device).
+
+        A collective when ``distributed``: every rank must call it at the same step.
+
+        Args:
+            bad_step: this rank's non-finite flag, a 0-d (or 1-element) tensor.
+            distributed: whether to all-reduce the flags across ranks.
+
+        Returns:
+            ``(stop, bad)``.
+        """
         flags = torch.stack([bad_step.to(torch.float32).reshape(()),
                              torch.tensor(float(self.signal is not None), device=bad_step.device)])
         if distributed:
@@ -138,4 +188,5 @@ class StopRequest:
         return stop > 0, bad > 0
 
     def name(self) -> str:
+        """The signal's name (``'SIGTERM'``...), or ``"a peer's signal"`` when only another rank got one."""
         return signal.Signals(self.signal).name if self.signal else 'a peer\'s signal'

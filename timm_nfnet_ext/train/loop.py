@@ -38,7 +38,20 @@ class Preempted(Exception):
 # --- measurements ----------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, run: Run) -> Dict[str, float]:
-    """Validation loss, top-1 and top-5 (%) over the whole split, summed across processes."""
+    """Validation loss, top-1 and top-5 (%) over the whole split, summed across processes.
+
+    The model is put in eval mode for the pass and back in its previous mode after it.
+    Under distribution every rank must call it (one all-reduce).
+
+    Args:
+        model: the model to measure.
+        loader: yields ``(images, targets)`` with integer targets.
+        run: the run (device, autocast, channels_last, number of classes, processes).
+
+    Returns:
+        ``{'loss', 'top1', 'top5'}``: mean cross-entropy, and top-1 / top-5 accuracy in percent
+        (top-5 is top-k with k the number of classes when there are fewer than 5).
+    """
     from timm.utils import accuracy
     device = run.dist.device
     was_training = model.training
@@ -63,7 +76,14 @@ def evaluate(model: nn.Module, loader: Any, run: Run) -> Dict[str, float]:
 
 
 def weights_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of every tensor of ``module.state_dict()`` (in order): equal iff bit-identical."""
+    """SHA-256 of every tensor of ``module.state_dict()`` (in order): equal iff bit-identical.
+
+    Args:
+        module: the module (its names and tensor bytes are hashed).
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
         h.update(name.encode())
@@ -103,7 +123,17 @@ def _progress_bar(run: Run, epoch: int, start: int) -> Any:
 
 
 def gather_objects(obj: Any, info: DistInfo) -> List[Any]:
-    """``obj`` of every rank, in rank order (a 1-element list without distribution)."""
+    """``obj`` of every rank, in rank order (a 1-element list without distribution).
+
+    A collective: under distribution every rank must call it.
+
+    Args:
+        obj: this rank's picklable object.
+        info: this process's place.
+
+    Returns:
+        The objects, one per rank.
+    """
     if not info.distributed:
         return [obj]
     out: List[Any] = [None] * info.world_size
@@ -225,7 +255,23 @@ def _optimizer_step(run: Run, state: Dict[str, Any]) -> None:
 
 
 def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, float]:
-    """Train from ``state['step']`` to the end of ``state['epoch']``."""
+    """Train from ``state['step']`` to the end of ``state['epoch']``.
+
+    Also writes a mid-epoch ``last.pth.tar`` every ``--recovery-interval`` steps, and on a stop request.
+
+    Args:
+        run: the prepared run.
+        state: the loop state (``epoch``, ``step``, ``global_step``, ``meters``...), updated in place.
+        log: the logger of the primary process.
+
+    Returns:
+        ``{'train_loss', 'clip_fraction'}``: the epoch's mean training loss over applied steps (all
+        ranks), and the fraction of units AGC clipped (``None`` without an AGC optimizer).
+
+    Raises:
+        FloatingPointError: ``--nonfinite-limit`` steps in a row had a non-finite loss or gradient.
+        Preempted: a rank got SIGTERM/SIGUSR1; every rank stopped after the same step, checkpoint written.
+    """
     cfg, epoch, accum = run.cfg, state['epoch'], run.cfg.grad_accum_steps
     run.data.sampler.set_epoch(epoch, state['step'] * accum)
     if run.parts.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
@@ -350,7 +396,22 @@ def _write_reports(run: Run, history: List[Dict[str, Any]]) -> None:
 
 
 def train(run: Run) -> Dict[str, Any]:
-    """The training loop; returns the final state (history, best, position)."""
+    """The training loop; returns the final state (history, best, position).
+
+    Continues ``run.resume`` when set (position, history, best and RNG states). Each epoch ends with
+    validation, the checkpoints (``checkpoint-N``, ``last``, ``model_best``) and summary.csv and plot.
+
+    Args:
+        run: the prepared run, from ``setup.prepare``.
+
+    Returns:
+        The loop state: ``epoch``, ``step``, ``global_step``, ``history`` (one row per epoch),
+        ``best`` (``value``, ``epoch``, ``metric``) and ``meters``.
+
+    Raises:
+        FloatingPointError: ``--nonfinite-limit`` steps in a row had a non-finite loss or gradient.
+        Preempted: a rank got SIGTERM/SIGUSR1; every rank stopped after the same step, checkpoint written.
+    """
     log = _Log(run.dist.primary)
     state = _restore(run)
     resumed, run.resume = run.resume is not None, None  # its tensors are loaded: free the copy

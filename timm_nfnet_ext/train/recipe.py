@@ -27,7 +27,15 @@ _SECTIONS = {'recipe': 'recipe', 'data_dir': 'data', 'model': 'model', 'device':
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``timm-nfnet-train`` argument parser (timm ``train.py`` flag names)."""
+    """The ``timm-nfnet-train`` argument parser (timm ``train.py`` flag names).
+
+    Made from the :class:`TrainConfig` fields, one group per ``--help`` section, plus ``--quickstart``,
+    the positional ``DIR`` and ``--no-export``. Every default is ``argparse.SUPPRESS``, so the parsed
+    namespace holds only what the command line gave (:func:`resolve_settings` fills in the rest).
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(
         prog='timm-nfnet-train',
         description='Train NFNets (or any timm model) the timm way, with adaptive gradient clipping, '
@@ -68,6 +76,12 @@ def paper_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
     --lr-base-size 256, linear). Resolution, RandAugment level and dropout follow the variant.
     Training data goes through the reference pipeline (``--data-pipeline reference``); ``aa`` and
     ``cutmix`` are the closest timm settings, used with ``--data-pipeline timm``.
+
+    Args:
+        model: the timm model name; a model that is not an F0..F7 variant gets F0's augmentation level.
+
+    Returns:
+        ``(settings, notes)``: :class:`TrainConfig` field values, and notes for the start-up log.
     """
     from ..models import MODEL_CFGS
     from ..variants import F_VARIANTS, variant_of
@@ -95,7 +109,14 @@ def paper_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
 
 
 def quickstart_recipe(model: str) -> Tuple[Dict[str, Any], List[str]]:
-    """A tiny NFNet with AGC on the built-in digits, a run of minutes on a CPU (its accuracy: docs/training.md)."""
+    """A tiny NFNet with AGC on the built-in digits, a run of minutes on a CPU (its accuracy: docs/training.md).
+
+    Args:
+        model: ignored (the recipe sets its own ``nfnet_f0``); the signature of every recipe.
+
+    Returns:
+        ``(settings, notes)``: :class:`TrainConfig` field values and an empty list of notes.
+    """
     recipe: Dict[str, Any] = dict(
         dataset='digits', model='nfnet_f0',
         model_kwargs=dict(widths=(32, 64, 128, 128), depths=(1, 1, 1, 1), group_width=16),
@@ -115,6 +136,19 @@ def resolve_settings(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig,
     """Parse ``argv``; returns (settings, source of each setting, notes).
 
     No arguments at all means the quick start. Precedence: command line > recipe > default.
+
+    Args:
+        argv: the command-line words; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        ``(config, sources, notes)``: the resolved :class:`TrainConfig`; for each setting where it came
+        from (``'cli'``, ``'recipe <name>'`` or ``'default'``); the recipe's notes.
+
+    Raises:
+        TrainError: ``--quickstart`` with another ``--recipe``; a positional ``DIR`` and a different
+            ``--data-dir``; ``clipping=`` / ``agc_eps=`` in ``--opt-kwargs`` not a number > 0, or not
+            equal to ``--agc`` / ``--agc-eps``.
+        SystemExit: from argparse, on ``--help`` or a flag it cannot parse (exit code 2).
     """
     parser = build_parser()
     argv = list(argv) if argv is not None else None

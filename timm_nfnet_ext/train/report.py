@@ -15,7 +15,14 @@ SUMMARY_COLUMNS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5',
 
 
 def to_plain(v: Any) -> Any:
-    """``v`` as YAML/JSON/checkpoint-safe values: lists, str-keyed dicts, scalars; anything else as str."""
+    """``v`` as YAML/JSON/checkpoint-safe values: lists, str-keyed dicts, scalars; anything else as str.
+
+    Args:
+        v: the value (tuples become lists, recursively).
+
+    Returns:
+        The plain value.
+    """
     if isinstance(v, (list, tuple)):
         return [to_plain(x) for x in v]
     if isinstance(v, dict):
@@ -24,7 +31,16 @@ def to_plain(v: Any) -> Any:
 
 
 def format_settings(settings: Mapping[str, Any], sources: Mapping[str, str], derived: Mapping[str, Any]) -> str:
-    """The settings block printed at start: every value not at its default, then derived ones."""
+    """The settings block printed at start: every value not at its default, then derived ones.
+
+    Args:
+        settings: the resolved settings (``TrainConfig.to_dict()``).
+        sources: where each setting came from (``'cli'``, ``'recipe <name>'``, ``'default'``).
+        derived: the settings derived at set-up (``RunRecord.derived``).
+
+    Returns:
+        The text, one setting a line.
+    """
     chosen = {k: v for k, v in sorted(settings.items()) if sources.get(k, 'default') != 'default'}
     width = max([len(k) for k in list(chosen) + list(derived)] + [8])
     lines = ['settings (value  [where it comes from]):']
@@ -36,7 +52,16 @@ def format_settings(settings: Mapping[str, Any], sources: Mapping[str, str], der
 
 
 def settings_yaml(settings: Mapping[str, Any], sources: Mapping[str, str], derived: Mapping[str, Any]) -> str:
-    """All resolved settings (and their sources) as YAML."""
+    """All resolved settings (and their sources) as YAML.
+
+    Args:
+        settings: the resolved settings.
+        sources: where each setting came from (only those not ``'default'`` are written).
+        derived: the settings derived at set-up.
+
+    Returns:
+        A YAML document with ``settings``, ``derived`` and ``sources``.
+    """
     import yaml
     doc = {'settings': {k: to_plain(v) for k, v in sorted(settings.items())},
            'derived': {k: to_plain(v) for k, v in derived.items()},
@@ -50,6 +75,13 @@ def write_summary(history: Sequence[Mapping[str, Any]], path: os.PathLike) -> Pa
     Not timm's ``update_summary``: it appends a row per call, so a run resumed from a checkpoint
     older than the last row would repeat rows; this rewrites the file from the checkpointed
     history, whole or not at all.
+
+    Args:
+        history: one dict per finished epoch; columns beyond :data:`SUMMARY_COLUMNS` are appended.
+        path: the file to write.
+
+    Returns:
+        The file written.
     """
     columns: List[str] = list(SUMMARY_COLUMNS)
     for row in history:
@@ -63,7 +95,15 @@ def write_summary(history: Sequence[Mapping[str, Any]], path: os.PathLike) -> Pa
 
 
 def write_plot(history: Sequence[Mapping[str, Any]], path: os.PathLike) -> bool:
-    """Loss and accuracy curves as a PNG (atomically); False when matplotlib is missing."""
+    """Loss and accuracy curves as a PNG (atomically); False when matplotlib is missing.
+
+    Args:
+        history: one dict per finished epoch.
+        path: the PNG file to write.
+
+    Returns:
+        ``True`` when the plot was written.
+    """
     try:
         import matplotlib
         matplotlib.use('Agg', force=False)

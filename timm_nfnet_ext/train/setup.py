@@ -1,5 +1,8 @@
 """Everything ``timm-nfnet-train`` builds before its first step, and every check of its input.
 
+One file (over 500 lines) because the checks and the build steps are interleaved in one order over
+one run state: each check needs what the steps before it built.
+
 ``prepare`` validates names, numbers, folders, data and the checkpoint to resume, and builds
 the model, EMA, optimizer (AGC with the paper's groups), scheduler, scaler and loaders from
 timm's factories. It raises ``TrainError`` before anything is trained or a checkpoint written.
@@ -33,22 +36,41 @@ __all__ = ['DistInfo', 'Run', 'init_distributed', 'prepare', 'PaperEma', 'resolv
 
 @dataclass
 class DistInfo:
-    """This process's place in a (possibly 1-process) run."""
+    """This process's place in a (possibly 1-process) run.
+
+    Attributes:
+        rank: this process's rank (0 without distribution).
+        world_size: the number of processes.
+        device: the device this process trains on.
+    """
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device('cpu')
 
     @property
     def distributed(self) -> bool:
+        """Whether the run has more than one process."""
         return self.world_size > 1
 
     @property
     def primary(self) -> bool:
+        """Whether this is rank 0 (the process that logs and writes files)."""
         return self.rank == 0
 
 
 def init_distributed(device: Optional[str]) -> DistInfo:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); else 1 process."""
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); else 1 process.
+
+    Args:
+        device: ``--device`` (``'cuda'``, ``'cpu'``...); ``None`` picks CUDA when available.
+
+    Returns:
+        This process's rank, world size and device (``cuda:LOCAL_RANK`` under torchrun on CUDA).
+
+    Raises:
+        TrainError: a CUDA device asked for where CUDA is not available.
+        RuntimeError: under torchrun, rank 0 did not publish its store within the collective timeout.
+    """
     kind = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if kind.startswith('cuda') and not torch.cuda.is_available():
         raise TrainError(f'--device {kind}: CUDA is not available here (use --device cpu)')
@@ -76,6 +98,14 @@ class PaperEma:
     """Mixin for timm's ``ModelEmaV3``: the reference warmup ``min(decay, (1 + t) / (10 + t))``."""
 
     def get_decay(self, step: Optional[int] = None) -> float:
+        """The EMA decay at an update.
+
+        Args:
+            step: the update count (1 for the first); ``None``: no warmup.
+
+        Returns:
+            ``min(decay, (1 + t) / (10 + t))`` with ``t = step - 1``, or ``decay`` when ``step`` is None.
+        """
         if step is None:
             return self.decay
         t = max(step - 1, 0)  # t counts updates from 0
@@ -94,7 +124,22 @@ def _make_ema(model: nn.Module, cfg: TrainConfig) -> Optional[nn.Module]:
 
 # --- optimizer -------------------------------------------------------------------------------
 def resolve_optimizer(cfg: TrainConfig) -> Tuple[str, Optional[float], Dict[str, Any]]:
-    """(timm optimizer name, AGC clipping or None, extra keywords) for ``--opt``/``--agc``."""
+    """(timm optimizer name, AGC clipping or None, extra keywords) for ``--opt``/``--agc``.
+
+    With ``--agc`` a plain optimizer becomes its AGC form (``sgd`` -> ``sgdagc``; one timm lacks is
+    registered), with ``clipping`` and ``agc_eps`` among the keywords.
+
+    Args:
+        cfg: the settings (``opt``, ``opt_kwargs``, ``agc``, ``agc_eps``).
+
+    Returns:
+        ``(name, clipping, kwargs)``: the optimizer name for timm, the AGC clipping ratio (``None``
+        without AGC) and the extra optimizer keywords.
+
+    Raises:
+        TrainError: an unknown optimizer; ``--agc`` not > 0, disagreeing with ``--opt-kwargs clipping=``,
+            or given with a prefixed name (``lookahead_sgd``); an optimizer AGC cannot wrap here.
+    """
     from timm.optim import get_optimizer_info, list_optimizers
     from .. import agc
     name = cfg.opt.lower()
@@ -130,7 +175,21 @@ def resolve_optimizer(cfg: TrainConfig) -> Tuple[str, Optional[float], Dict[str,
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, name: str, clipping: Optional[float],
                     kwargs: Dict[str, Any]) -> torch.optim.Optimizer:
-    """timm's ``create_optimizer_v2``; AGC optimizers get the paper's parameter groups."""
+    """timm's ``create_optimizer_v2``; AGC optimizers get the paper's parameter groups.
+
+    Args:
+        model: the model whose parameters are optimized.
+        cfg: the settings (``lr`` resolved, ``weight_decay``, ``momentum``, ``opt_eps``, ``opt_betas``).
+        name: the optimizer name, from :func:`resolve_optimizer`.
+        clipping: the AGC clipping ratio, or ``None`` (no AGC parameter groups).
+        kwargs: extra optimizer keywords, from :func:`resolve_optimizer`.
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        TrainError: timm cannot create it (bad keywords, or it needs CUDA or a package missing here).
+    """
     from timm.optim import create_optimizer_v2
     from ..agc import agc_param_groups
     extra = dict(kwargs)
@@ -150,7 +209,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, name: str, clipping: Opt
 # --- output folder ---------------------------------------------------------------------------
 def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> Tuple[Path, List[Path]]:
     """The folder of checkpoints and logs (created; must be writable; rank 0 names it), and the
-    folders this call created, deepest first."""
+    folders this call created, deepest first.
+
+    The folder is ``--output`` (or the folder of the ``--resume`` file, or a new
+    ``output/train/<date>-<model>``), then ``--experiment`` under it.
+
+    Args:
+        cfg: the settings (``output``, ``resume``, ``experiment``, ``model``).
+        info: this process's place (rank 0's time stamp names a new folder on every rank).
+
+    Returns:
+        ``(run_dir, created)``: the folder, and the folders this call created (to remove on failure).
+
+    Raises:
+        TrainError: ``--resume auto`` without ``--output``; the folder cannot be created or written.
+    """
     if cfg.output:
         run_dir = Path(cfg.output)
     elif cfg.resume and cfg.resume != 'auto':
@@ -180,7 +253,19 @@ def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> Tuple[Path, List[Path]]
 class TrainParts:
     """What is trained and how: the model (DDP-wrapped when distributed), the model itself, its
     EMA, the optimizer, schedule, gradient scaler, autocast context, timm's Mixup (None with the
-    reference pipeline, which mixes in its collate, or without mixing) and the training loss."""
+    reference pipeline, which mixes in its collate, or without mixing) and the training loss.
+
+    Attributes:
+        model: the model trained (DDP-wrapped when distributed).
+        module: the model itself (its state dict is the checkpoint's).
+        ema: timm's ``ModelEmaV3`` of the weights, or ``None``.
+        optimizer: the optimizer.
+        scheduler: timm's scheduler, or ``None``.
+        scaler: the gradient scaler (enabled with float16 autocast only).
+        autocast: returns the forward's autocast context (a null context without ``--amp``).
+        mixup: timm's ``Mixup``, or ``None``.
+        loss: the training loss.
+    """
     model: nn.Module
     module: nn.Module
     ema: Optional[nn.Module]
@@ -194,7 +279,15 @@ class TrainParts:
 
 @dataclass
 class RunData:
-    """The loaders: training (driven by ``sampler``) and validation, and the epoch's length."""
+    """The loaders: training (driven by ``sampler``) and validation, and the epoch's length.
+
+    Attributes:
+        train: the training loader.
+        sampler: its sampler (``set_epoch`` positions it).
+        val: the validation loader, or ``None``.
+        steps_per_epoch: optimizer steps per epoch.
+        num_epochs: epochs the loop runs: timm's schedule length (``--epochs`` plus ``--cooldown-epochs``).
+    """
     train: DataLoader
     sampler: EpochSampler
     val: Optional[DataLoader]
@@ -205,7 +298,17 @@ class RunData:
 @dataclass
 class RunRecord:
     """What the run records about itself: the identity a resumed checkpoint must match, the
-    derived settings, the data config, the architecture keywords, the schedule, notes."""
+    derived settings, the data config, the architecture keywords, the schedule, notes.
+
+    Attributes:
+        identity: what a checkpoint to resume must match (``checkpoint.check_compatible``).
+        derived: settings derived at set-up (run folder, global batch, lr...), shown and saved.
+        data_config: timm's resolved data config, plus this command's validation keys.
+        arch_kwargs: the ``create_model`` keywords that define the architecture.
+        schedule: the schedule's settings (a change since the checkpoint rebuilds it on resume).
+        num_classes: the classifier's classes.
+        notes: notes for the start-up log.
+    """
     identity: Dict[str, Any]
     derived: Dict[str, Any]
     data_config: Dict[str, Any]
@@ -218,7 +321,18 @@ class RunRecord:
 @dataclass
 class Run:
     """A prepared run: its settings, processes and folder, and the three parts above; ``resume``
-    is the checkpoint it continues (read, not yet applied), ``resume_path`` its file."""
+    is the checkpoint it continues (read, not yet applied), ``resume_path`` its file.
+
+    Attributes:
+        cfg: the settings (``lr`` resolved).
+        dist: this process's place.
+        run_dir: the folder of checkpoints and logs.
+        parts: the model, optimizer, schedule and loss.
+        data: the loaders.
+        record: what the run records about itself.
+        resume: the checkpoint continued, or ``None`` (``train`` drops it once its states are loaded).
+        resume_path: its file, or ``None``.
+    """
     cfg: TrainConfig
     dist: DistInfo
     run_dir: Path
@@ -362,7 +476,26 @@ def _as_list(v: Any) -> Any:
 
 
 def prepare(cfg: TrainConfig, dist_info: DistInfo) -> Run:
-    """Check everything and build the run; ``TrainError`` names the first problem found."""
+    """Check everything and build the run; ``TrainError`` names the first problem found.
+
+    A resumed checkpoint's model, EMA, optimizer, scheduler and scaler states are loaded; its loop
+    position and RNG states are left to ``train``. A start that fails removes the empty run folders
+    it created.
+
+    Args:
+        cfg: the resolved settings (``cfg.lr`` is set here when ``None``).
+        dist_info: this process's place, from :func:`init_distributed`.
+
+    Returns:
+        The prepared run.
+
+    Raises:
+        TrainError: a module of ``--device-modules`` that does not import; an unknown model or optimizer;
+            a number out of range; an output folder that cannot be written or holds another run's
+            checkpoints; data that cannot be read or is too small for one step; an unknown number of
+            classes; a model, scheduler or optimizer timm cannot create; a checkpoint that is damaged
+            or does not match this run.
+    """
     import timm
     from .. import agc  # noqa: F401  (registers sgdagc / adamwagc / lambagc)
     from .. import models  # noqa: F401  (registers the models)
