@@ -21,7 +21,8 @@ import timm_nfnet_ext.train.checkpoint as ckpt_io
 from timm_nfnet_ext.train import main, weights_fingerprint
 from timm_nfnet_ext.train.data import EpochSampler
 from timm_nfnet_ext.train.recipe import resolve_settings
-from timm_nfnet_ext.train.setup import DistInfo, TrainError, prepare, resolve_optimizer
+from timm_nfnet_ext.train.run import DistInfo
+from timm_nfnet_ext.train.setup import TrainError, prepare, resolve_optimizer
 
 from train_helpers import (REPO, TINY, assert_states_equal, child_env, load_ckpt, make_digits_folder, run_ok,
                            torchrun_cmd, train_cmd)

@@ -1,7 +1,8 @@
 """``timm-nfnet-train``: timm's training flags, AGC, the paper's recipe, DDP and exact resume.
 
 - ``recipe.py``: the command line (timm's flag names), the recipes and the resolved settings;
-- ``setup.py``: distributed set-up, model, optimizer, schedule, EMA, loaders, resume;
+- ``run.py``: the processes (``init_distributed``) and the prepared run (``Run``);
+- ``setup.py``: the checks and the build: model, optimizer, schedule, EMA, loaders, resume;
 - ``data.py``: datasets, transforms and the resumable distributed sampler;
 - ``loop.py``: the training loop, evaluation and checkpoints;
 - ``cli.py``: the command (``main``), its report and the export;

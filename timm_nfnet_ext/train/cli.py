@@ -29,7 +29,8 @@ from .elastic import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, release_stor
 from .loop import STOP_REQUEST, Preempted, evaluate, gather_objects, train, weights_fingerprint
 from .recipe import TrainError, resolve_settings
 from .report import format_settings, settings_yaml
-from .setup import DistInfo, Run, init_distributed, prepare
+from .run import DistInfo, Run, init_distributed
+from .setup import prepare
 
 __all__ = ['main', 'export_and_reload']
 

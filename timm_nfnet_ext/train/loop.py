@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt_io
 from .elastic import StopRequest
 from .report import to_plain, write_plot, write_summary
-from .setup import DistInfo, Run
+from .run import DistInfo, Run
 
 __all__ = ['train', 'evaluate', 'weights_fingerprint', 'gather_objects', 'Preempted', 'STOP_REQUEST']
 
