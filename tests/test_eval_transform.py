@@ -128,7 +128,9 @@ def test_decoded_inputs_give_the_same_tensor_as_the_file():
     hwc = np.asarray(pil.convert('RGB'))
     assert torch.equal(t(pil), ref)
     assert torch.equal(t(hwc), ref)
-    assert torch.equal(t(torch.from_numpy(hwc.copy()).permute(2, 0, 1)), ref)  # torchvision CHW
+    assert torch.equal(t(torch.from_numpy(hwc.copy()).permute(2, 0, 1)), ref)  # a CHW view of HWC memory
+    assert torch.equal(t(torch.from_numpy(hwc.copy()).permute(2, 0, 1).contiguous()), ref)  # torchvision's CHW
+    assert torch.equal(t(np.ascontiguousarray(hwc.transpose(2, 0, 1)).transpose(1, 2, 0)), ref)  # strided numpy
     grey = np.asarray(pil.convert('L'))
     assert torch.equal(t(grey), t(np.repeat(grey[..., None], 3, -1)))
 

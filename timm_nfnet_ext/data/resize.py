@@ -76,20 +76,17 @@ def bicubic_taps(in_size: int, out_size: int, start: int = 0,
 
 
 @functools.lru_cache(maxsize=2048)
-def _tap_matrix(in_size: int, out_size: int, start: int, stop: int, flip: bool = False) -> torch.Tensor:
+def _tap_matrix(in_size: int, out_size: int, start: int, stop: int) -> torch.Tensor:
     """The axis's taps as a sparse ``(stop - start, in_size)`` CSR matrix (up to 4 entries a row).
 
     A sparse product is the fastest way torch offers to apply 4 taps per row: a gather per tap
     moves the whole image four times, and a dense matrix does ~100x the multiplications. Taps of
     weight 0 (those outside the image) are left out, which changes no sum. The matrix is built in
     NumPy (a random training crop's size changes with every image, so the build is on the hot
-    path, and the cache is large). ``flip`` reads input ``in - 1 - i`` for ``i``: the resize of
-    the mirrored axis, the same products summed in the same order, without mirroring the image.
+    path, and the cache is large).
     """
     index, weight = bicubic_taps(in_size, out_size, start, stop)
     index, weight = index.numpy().T, weight.numpy().T
-    if flip:
-        index = in_size - 1 - index
     keep = weight != 0
     crow = np.zeros(stop - start + 1, dtype=np.int64)
     np.cumsum(keep.sum(1), out=crow[1:])
@@ -99,15 +96,13 @@ def _tap_matrix(in_size: int, out_size: int, start: int, stop: int, flip: bool =
                                        torch.from_numpy(weight[keep]), (stop - start, in_size))
 
 
-def resize_crop(image: torch.Tensor, size: Tuple[int, int], crop: Tuple[int, int, int, int],
-                flip: bool = False) -> torch.Tensor:
+def resize_crop(image: torch.Tensor, size: Tuple[int, int], crop: Tuple[int, int, int, int]) -> torch.Tensor:
     """A window of TensorFlow's bicubic resize of an HWC image, without the rest of it.
 
     Args:
-        image: ``(H, W, C)`` uint8 or float tensor (rows may be strided, e.g. a crop's view).
+        image: ``(H, W, C)`` uint8 or float tensor (any strides: a crop's view, a permuted CHW one).
         size: ``(out_h, out_w)`` of the full resize.
         crop: ``(top, left, height, width)`` of the window of the resized image to return.
-        flip: resize the image mirrored left-right (without copying it mirrored).
 
     Returns:
         The window as a ``(C, height, width)`` float32 tensor (not contiguous), unclamped:
@@ -116,8 +111,9 @@ def resize_crop(image: torch.Tensor, size: Tuple[int, int], crop: Tuple[int, int
     in_h, in_w, channels = image.shape
     top, left, height, width = crop
     rows = _tap_matrix(in_h, size[0], top, top + height)
-    cols = _tap_matrix(in_w, size[1], left, left + width, flip)
-    x = image.float().view(in_h, in_w * channels)  # one copy: (strided) uint8 to contiguous float32
+    cols = _tap_matrix(in_w, size[1], left, left + width)
+    # one copy, whatever the strides: (strided) uint8 to contiguous float32
+    x = image.to(torch.float32, memory_format=torch.contiguous_format).view(in_h, in_w * channels)
     x = torch.sparse.mm(rows, x)  # rows first, as TF: (height, W*C)
     x = x.view(height, in_w, channels).transpose(0, 1).reshape(in_w, height * channels)
     x = torch.sparse.mm(cols, x)  # (width, height*C)

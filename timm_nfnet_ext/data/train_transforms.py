@@ -154,11 +154,11 @@ class ReferenceTrainTransform:
         flip = self.flip and generator.random() < 0.5
         if not hwc.flags.writeable or hwc.strides[1:] != (3, 1):
             hwc = np.array(hwc, order='C')  # torch wraps writable arrays with contiguous pixels
-        # the crop is a view; the flip happens before the resize as in the reference (the
-        # resize is not exactly mirror-symmetric), inside it rather than as a copy
+        crop = torch.from_numpy(hwc)[top:top + h, left:left + w]
+        if flip:  # before the resize, as the reference (the resize is not exactly mirror-symmetric)
+            crop = torch.flip(crop, [1])
         out_h, out_w = self.img_size
-        return resize_crop(torch.from_numpy(hwc)[top:top + h, left:left + w], self.img_size, (0, 0, out_h, out_w),
-                           flip).contiguous()
+        return resize_crop(crop, self.img_size, (0, 0, out_h, out_w)).contiguous()
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(img_size={self.img_size}, crop=sample_distorted_bounding_box'
