@@ -147,3 +147,19 @@ def test_features_only_models_get_the_layer_paths():
     model = timm.create_model('nfnet_f0', features_only=True, out_indices=(1, 2), widths=(64, 128, 192, 192),
                               depths=(1, 1, 1, 1), group_width=32)
     assert FastWSConv2d in _classes(model) and WSConv2d not in _classes(model)
+
+
+def test_scripting_a_container_or_a_block_leaves_the_eager_modules_accelerated():
+    model = tiny_model().eval()
+    wrap = torch.nn.Sequential(model, torch.nn.Identity())
+    x = torch.randn(1, 3, 64, 64)
+    scripted = torch.jit.script(wrap)
+    assert type(wrap[0]) is AcceleratedNFNet and FastWSConv2d in _classes(wrap[0])
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)
+    torch.jit.script(model.stages[0])
+    assert FastWSConv2d in _classes(model.stages[0]) and FastActivation in _classes(model.stages[0])
+    features = timm.create_model('nfnet_f0', features_only=True, out_indices=(1, 2), widths=(64, 128, 192, 192),
+                                 depths=(1, 1, 1, 1), group_width=32).eval()
+    torch.jit.script(features)
+    assert FastWSConv2d in _classes(features) and WSConv2d not in _classes(features)

@@ -3,13 +3,12 @@
 Each class here subclasses a reference class, adds no state, and computes the same function
 faster; ``accelerate`` swaps a model's modules to them in place (their ``__class__``: no
 parameter is copied, hooks and state dicts stay as they are) and ``reference`` swaps them back.
-For TorchScript, each returns a twin made of the reference classes (sharing the parameters)
-from ``__prepare_scriptable__``: the speed paths are eager Python.
+Under ``torch.jit.script`` each compiles its reference class's computation (the speed paths
+are eager Python); scripting leaves the eager model as it was.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from ..layers.activations import Activation, apply_activation
-from ..layers.conv import WSConv2d, conv2d_same
+from ..layers.conv import WSConv2d, conv2d_same, standardize_weight
 from ..models.contract import feature_indices
 from ..models.network import NFNet
 from . import switches
@@ -47,24 +46,8 @@ _INPLACE = {
 }
 
 
-def _reference_twin(module: nn.Module) -> nn.Module:
-    """A copy of ``module``'s tree made of reference classes, sharing its parameters and buffers."""
-    twin = copy.copy(module)
-    twin.__dict__['_modules'] = {k: None if m is None else _reference_twin(m) for k, m in module._modules.items()}
-    twin.__dict__['_parameters'] = dict(module._parameters)
-    twin.__dict__['_buffers'] = dict(module._buffers)
-    twin.__dict__.pop('grouped_ws', None)
-    twin.__class__ = _REFERENCE.get(type(module), type(module))
-    return twin
-
-
-class _Scriptable:
-    def __prepare_scriptable__(self) -> nn.Module:
-        return _reference_twin(self)  # type: ignore[arg-type]
-
-
 @register_notrace_module  # a torch.fx leaf, as its reference class
-class FastActivation(_Scriptable, Activation):
+class FastActivation(Activation):
     """``Activation`` with the CPU tanh-GELU and, where ``inplace`` is set, in-place forms."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +59,9 @@ class FastActivation(_Scriptable, Activation):
         Returns:
             ``scale * activation(x)`` (possibly ``x`` itself, overwritten).
         """
+        if torch.jit.is_scripting():  # TorchScript compiles the reference (the fast paths are eager Python)
+            y = apply_activation(x, self.name)
+            return y if self.scale == 1.0 else y * self.scale
         tracked = x.requires_grad and torch.is_grad_enabled()
         if self.name == 'gelu':
             y = gelu_tanh(x, inplace=self.inplace)  # decides for itself what autograd allows
@@ -90,7 +76,7 @@ class FastActivation(_Scriptable, Activation):
 
 
 @register_notrace_module  # a torch.fx leaf: 'SAME' padding from the input size, per-thread grouped weights
-class FastWSConv2d(_Scriptable, WSConv2d):
+class FastWSConv2d(WSConv2d):
     """``WSConv2d`` standardising through ``fast_standardize_weight``, or taking its weight from
     its group (``grouped_ws.py``) inside an ``AcceleratedNFNet``'s forward."""
 
@@ -111,6 +97,9 @@ class FastWSConv2d(_Scriptable, WSConv2d):
         Returns:
             The conv's output.
         """
+        if torch.jit.is_scripting():  # TorchScript compiles the reference (the fast paths are eager Python)
+            weight = standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
+            return conv2d_same(x, weight, self.bias, self.stride[0], self.groups, self.dilation[0])
         take = None if torch.compiler.is_compiling() else GROUPED.take
         packed = take(self) if take is not None else None  # this conv's weight, standardised with its group
         if packed is not None:
@@ -139,7 +128,7 @@ def _wrappers_that_rerun_forward() -> Tuple[type, ...]:
     return tuple(found)
 
 
-class AcceleratedNFNet(_Scriptable, NFNet):
+class AcceleratedNFNet(NFNet):
     """``NFNet`` whose forward standardises its conv weights in groups (``grouped_ws.py``) where
     that is faster (on CUDA by default) and safe."""
 
@@ -204,6 +193,9 @@ class AcceleratedNFNet(_Scriptable, NFNet):
         Raises:
             ValueError: an invalid input (see ``NFNet.check_input``).
         """
+        if torch.jit.is_scripting():  # TorchScript: NFNet.forward_features (grouping is eager Python)
+            self.check_input(x)
+            return self.final_act(self.final_conv(self.stages(self.stem(x))))
         with self._standardized_once(x, self.stages):
             return super().forward_features(x)
 
