@@ -44,3 +44,19 @@ def test_list_defaults_are_not_shared_between_configs():
     a, b = TrainConfig(), TrainConfig()
     a.scale.append(9.0)
     assert b.scale == [0.08, 1.0]
+
+
+def test_flags_of_timms_pipeline_given_with_the_reference_one_are_named_in_a_note():
+    _, _, notes = resolve_settings(['--data-dir', '/x', '--recipe', 'paper', '--mixup-off-epoch', '300', '--hflip', '0'])
+    assert any('--hflip, --mixup-off-epoch' in n and 'not used by --data-pipeline reference' in n for n in notes)
+    _, _, notes = resolve_settings(['--data-dir', '/x', '--recipe', 'paper', '--data-pipeline', 'timm', '--hflip', '0'])
+    assert not any('not used by' in n for n in notes)
+
+
+def test_a_checkpoint_of_the_other_input_pipeline_is_refused():
+    from timm_nfnet_ext.train.checkpoint import check_compatible
+    identity = dict(model='nfnet_f0', model_args={}, num_classes=10, opt='sgdagc', agc=0.01, model_ema=True,
+                    data_pipeline='reference', global_batch=8, world_size=1)
+    check_compatible({'identity': identity, 'step': 3}, identity, 'last.pth.tar')
+    with pytest.raises(TrainError, match="data_pipeline: checkpoint 'timm', now 'reference'"):
+        check_compatible({'identity': dict(identity, data_pipeline='timm'), 'step': 0}, identity, 'last.pth.tar')

@@ -30,6 +30,9 @@ _NAMES = ('models', 'gelu', 'weight_std', 'grouped_ws', 'sgd')
 class configure:  # noqa: N801 (used like a function: ``configure(gelu=False)``)
     """Switch speed paths on or off, process-wide; as a context manager, restore them on exit.
 
+    The switches are global, read by every thread: set them before threads run models, not
+    from several threads at once (a block's exit restores what was set when it was entered).
+
     Example (double backward on CPU needs ATen's GELU)::
 
         with timm_nfnet_ext.accel.configure(gelu=False):

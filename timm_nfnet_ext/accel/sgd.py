@@ -25,8 +25,6 @@ __all__ = ['applies', 'chunked_step']
 
 
 @torch.no_grad()
-
-
 def chunked_step(opt: SGDAGC, closure: Optional[Callable[[], Any]] = None) -> Any:
     """``SGDAGC.step``, each chunk updated right after it is clipped (see ``applies``).
 

@@ -255,11 +255,11 @@ def check_compatible(ckpt: Mapping[str, Any], identity: Mapping[str, Any], path:
         path: the checkpoint's file, for the message.
 
     Raises:
-        TrainError: the model, its arguments, classes, optimizer, AGC or EMA differ, or the global batch
+        TrainError: the model, its arguments, classes, optimizer, AGC, EMA or input pipeline differ, or the global batch
             differs for a checkpoint written in the middle of an epoch.
     """
     theirs = ckpt['identity']
-    keys = ('model', 'model_args', 'num_classes', 'opt', 'agc', 'model_ema')
+    keys = ('model', 'model_args', 'num_classes', 'opt', 'agc', 'model_ema', 'data_pipeline')
     diffs = [f'{k}: checkpoint {theirs.get(k)!r}, now {identity.get(k)!r}'
              for k in keys if _norm(theirs.get(k)) != _norm(identity.get(k))]
     if ckpt['step'] and theirs.get('global_batch') != identity.get('global_batch'):

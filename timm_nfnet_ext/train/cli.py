@@ -8,7 +8,7 @@
 The command: settings (``recipe.py``), set-up (``setup.py``), the loop (``loop.py``), the
 report of the run and the export at the end.
 
-Exit codes: 0 done; 1 diverged (``--nonfinite-limit`` non-finite steps in a row); 2 refused
+Exit codes: 0 done; 3 diverged (``--nonfinite-limit`` non-finite steps in a row); 2 refused
 before training (bad input); 75 preempted (SIGTERM or SIGUSR1: every rank finished the same
 step and a checkpoint was written; start again with ``--resume auto``).
 """
@@ -127,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the command-line words; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
-        The exit code: 0 done, 1 diverged (``EXIT_DIVERGED``), 2 bad input (``EXIT_BAD_INPUT``: a
+        The exit code: 0 done, 3 diverged (``EXIT_DIVERGED``), 2 bad input (``EXIT_BAD_INPUT``: a
         :class:`TrainError`, printed to stderr), 75 preempted (``EXIT_PREEMPTED``: checkpoint written).
 
     Raises:

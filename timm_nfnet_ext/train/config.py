@@ -265,7 +265,7 @@ class TrainConfig:
               'them through timm and report their accuracy'))
     nonfinite_limit: int = flag(10, '--nonfinite-limit', metavar='K',
         help=('a step whose loss or gradient is inf/NaN is skipped (not applied, not checkpointed) and counted; '
-              'the K-th such step in a row stops the run with exit code 1 (1: stop at the first)'))
+              'the K-th such step in a row stops the run with exit code 3 (1: stop at the first)'))
 
     @classmethod
     def from_settings(cls, settings: Dict[str, Any]) -> 'TrainConfig':

@@ -188,16 +188,14 @@ class EpochSampler(Sampler):
 
     def _indices(self) -> List[Tuple[int, int]]:
         """This rank's ``(index, read)`` pairs of the epoch, from its start."""
-        order = []
-        for read in range(self.reads):
-            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, read))
-            order += [(i, read) for i in torch.randperm(self.size, generator=g).tolist()]
+        order = torch.cat([torch.randperm(self.size, generator=torch.Generator().manual_seed(
+            epoch_seed(self.seed, self.epoch, read))) for read in range(self.reads)])
+        reads = torch.arange(self.reads).repeat_interleave(self.size)
         b, w = self.batch_size, self.world_size
-        out = []
-        for m in range(self.start, self.micro_batches):
-            chunk = order[m * b * w:(m + 1) * b * w]
-            out += chunk[self.rank * b:(self.rank + 1) * b]
-        return out
+        # global micro-batches [start, micro_batches), each of w slices of b: this rank's slice of each
+        taken = slice(self.start * b * w, self.micro_batches * b * w)
+        mine = torch.stack([order[taken], reads[taken]], 1).view(-1, w, b, 2)[:, self.rank].reshape(-1, 2)
+        return [(i, r) for i, r in mine.tolist()]
 
     def __iter__(self) -> Iterator[Union[int, Tuple[int, int]]]:
         if not self.shuffle:  # evaluation: no augmentation to seed

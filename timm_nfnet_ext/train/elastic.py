@@ -27,7 +27,8 @@ import torch.distributed as dist
 __all__ = ['EXIT_PREEMPTED', 'EXIT_DIVERGED', 'EXIT_BAD_INPUT', 'process_group_timeout', 'process_group_store', 'release_store',
            'StopRequest']
 
-EXIT_DIVERGED = 1     # non-finite loss or gradients --nonfinite-limit steps in a row (or AGC 'raise')
+EXIT_DIVERGED = 3     # non-finite loss or gradients --nonfinite-limit steps in a row (or AGC 'raise'); not 1,
+                      # Python's code for a crash, so that a scheduler can tell them apart
 EXIT_BAD_INPUT = 2    # refused before training
 EXIT_PREEMPTED = 75   # SIGTERM/SIGUSR1: a checkpoint was written; start again with --resume auto (EX_TEMPFAIL)
 

@@ -280,8 +280,9 @@ def train_one_epoch(run: Run, state: Dict[str, Any], log: _Log) -> Dict[str, flo
     meters, bar = state['meters'], _progress_bar(run, epoch, state['step'])
     log.bar = bar
     batches, t0, seen = iter(run.data.train), time.time(), 0
-    # Losses are summed on the device and read back only at log and save points: a float(loss)
-    # per step would make the host wait for the GPU every step (timm syncs at log steps too).
+    # Losses are summed on the device and read back only at log and save points. The one read
+    # back every step is the agreed stop / non-finite flag (two numbers): the price of skipping a
+    # bad step on every rank before the optimizer sees it, and of stopping all ranks together.
     pending = torch.zeros((), dtype=torch.float64, device=run.dist.device)
     for step in range(state['step'], run.data.steps_per_epoch):
         loss = torch.zeros((), device=run.dist.device)

@@ -173,7 +173,25 @@ def resolve_settings(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig,
                for k in settings}
     settings.pop('quickstart', None)
     sources.pop('quickstart', None)
-    return TrainConfig.from_settings(settings), sources, notes
+    cfg = TrainConfig.from_settings(settings)
+    return cfg, sources, notes + _unused_by_the_pipeline(cfg, sources)
+
+
+# flags of timm's input pipeline (create_transform, Mixup) that DeepMind's does not read
+_TIMM_PIPELINE_FLAGS = ('no_aug', 'scale', 'ratio', 'hflip', 'vflip', 'color_jitter', 'aa', 'reprob', 'remode', 'recount',
+                        'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'mixup_off_epoch',
+                        'train_interpolation')
+
+
+def _unused_by_the_pipeline(cfg: TrainConfig, sources: Dict[str, str]) -> List[str]:
+    """A note naming the command line's flags that the reference input pipeline does not use."""
+    if cfg.data_pipeline != 'reference':
+        return []
+    given = ['--' + k.replace('_', '-') for k in _TIMM_PIPELINE_FLAGS if sources.get(k) == 'cli']
+    if not given:
+        return []
+    return [f'{", ".join(given)}: flags of timm\'s input pipeline, not used by --data-pipeline reference '
+            '(DeepMind\'s pipeline: docs/data.md; --data-pipeline timm uses them)']
 
 
 def _agc_from_opt_kwargs(given: Dict[str, Any]) -> None:

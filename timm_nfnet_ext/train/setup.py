@@ -406,7 +406,8 @@ def _build_run(cfg: TrainConfig, dist_info: DistInfo, run_dir: Path, opt_name: s
                                    rank=dist_info.rank, world_size=world, shuffle=False)
         val_loader = build_loader(data.val, val_sampler, cfg, device)
     identity = dict(model=cfg.model, model_args=arch, num_classes=num_classes, opt=opt_name, agc=clipping,
-                    model_ema=bool(cfg.model_ema), global_batch=global_batch, world_size=world)
+                    model_ema=bool(cfg.model_ema), data_pipeline=cfg.data_pipeline, global_batch=global_batch,
+                    world_size=world)
     derived = dict(run_dir=str(run_dir), device=str(device), world_size=world, global_batch=global_batch,
                    lr=cfg.lr, optimizer=f'{type(optimizer).__name__} ({opt_name})', agc_clipping=clipping,
                    param_groups=_describe_groups(optimizer), num_classes=num_classes,
