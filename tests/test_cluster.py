@@ -6,7 +6,6 @@ Every fault test ends by comparing the final weights with an uninterrupted run's
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import shutil
@@ -25,10 +24,9 @@ import torch.nn as nn
 
 import timm_nfnet_ext.train.checkpoint as ckpt_io
 import timm_nfnet_ext.train.setup as train_setup
-from timm_nfnet_ext.train import main
 from timm_nfnet_ext.train.elastic import EXIT_DIVERGED, EXIT_PREEMPTED
 
-from train_helpers import REPO, TINY, child_env, load_ckpt, make_digits_folder, run_ok, train_cmd
+from train_helpers import REPO, TINY, child_env, load_ckpt, make_digits_folder, run_main, run_ok, train_cmd
 
 # 200 images, -b 8 on 2 processes (or -b 16 on 1): 12 steps an epoch; in-epoch checkpoints every 3
 ARGS = [*TINY, '--epochs', '2', '--checkpoint-interval', '3', '--mixup', '0.2', '--drop-path', '0.1',
@@ -302,15 +300,7 @@ class _Poisoned(nn.Module):
 def _run_poisoned(monkeypatch, argv, bad) -> tuple:
     real = train_setup._loss
     monkeypatch.setattr(train_setup, '_loss', lambda cfg, mixup_on: _Poisoned(real(cfg, mixup_on), bad))
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
+    return run_main(argv)
 
 
 def _all_finite(obj) -> bool:

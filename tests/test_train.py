@@ -1,9 +1,7 @@
 """timm-nfnet-train: recipe wiring, data order, checkpoints, bad input, kill/resume, DDP, quick start."""
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import math
 import os
 import re
@@ -18,33 +16,20 @@ import pytest
 import torch
 
 import timm_nfnet_ext.train.checkpoint as ckpt_io
-from timm_nfnet_ext.train import main, weights_fingerprint
+from timm_nfnet_ext.train import weights_fingerprint
 from timm_nfnet_ext.train.data import EpochSampler
 from timm_nfnet_ext.train.recipe import resolve_settings
 from timm_nfnet_ext.train.run import DistInfo
 from timm_nfnet_ext.train.setup import TrainError, prepare, resolve_optimizer
 
-from train_helpers import (REPO, TINY, assert_states_equal, child_env, load_ckpt, make_digits_folder, run_ok,
-                           torchrun_cmd, train_cmd)
+from train_helpers import (REPO, TINY, assert_states_equal, child_env, load_ckpt, make_digits_folder, run_main,
+                           run_ok, torchrun_cmd, train_cmd)
 
 
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory) -> Path:
     """200 training and 50 validation digits as an ImageFolder."""
     return make_digits_folder(tmp_path_factory.mktemp('digits'), 20, 5)
-
-
-def run_main(argv) -> tuple:
-    """main() in this process, on 1 thread (2 shared cores oversubscribe): (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope='session')

@@ -1,6 +1,8 @@
 """Helpers for tests/test_train.py: a small ImageFolder, tiny-model flags, subprocess runs."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -65,3 +67,17 @@ def assert_states_equal(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys(), what
     for k in a:
         assert torch.equal(a[k], b[k]), f'{what}: {k} differs (max abs diff {(a[k] - b[k]).abs().max()})'
+
+
+def run_main(argv) -> tuple:
+    """main() in this process, on 1 thread (2 shared cores oversubscribe): (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            from timm_nfnet_ext.train import main
+            code = main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()

@@ -81,22 +81,12 @@ class FastWSConv2d(WSConv2d):
     its group (``grouped_ws.py``) inside an ``AcceleratedNFNet``'s forward."""
 
     def standardized_weight(self) -> torch.Tensor:
-        """The weight the conv applies, as ``WSConv2d.standardized_weight`` (the fast CPU path).
-
-        Returns:
-            The standardised weight, shaped like ``self.weight`` (differentiable).
-        """
+        """``WSConv2d.standardized_weight`` (its result: see there), through the fast CPU path."""
         return fast_standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolves with the standardised weight (its group's, where one was computed), 'SAME' padding.
-
-        Args:
-            x: NCHW input.
-
-        Returns:
-            The conv's output.
-        """
+        """``WSConv2d.forward`` (its input and output: see there), with the weight standardised
+        with its group where one was computed."""
         if torch.jit.is_scripting():  # TorchScript compiles the reference (the fast paths are eager Python)
             weight = standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
             return conv2d_same(x, weight, self.bias, self.stride[0], self.groups, self.dilation[0])

@@ -73,18 +73,8 @@ class _StandardizeWeight(torch.autograd.Function):
 
 def fast_standardize_weight(weight: torch.Tensor, gain: torch.Tensor, input_scale: float = 1.0,
                             eps: float = 1e-4) -> torch.Tensor:
-    """``layers.standardize_weight`` (same arguments and result), in float32 maths with autocast off,
-    through the hand-written function on CPU where it applies.
-
-    Args:
-        weight: an (O, I, kh, kw) conv weight.
-        gain: (O,) gains.
-        input_scale: a constant folded into the weight.
-        eps: the floor of ``var * fan_in``.
-
-    Returns:
-        The standardised weight, shaped like ``weight``.
-    """
+    """``layers.standardize_weight`` (its arguments, its result: see there), in float32 maths with
+    autocast off, through the hand-written function on CPU where it applies."""
     with autocast_off(weight.device.type):
         if (switches.weight_std and weight.device.type == 'cpu' and not torch.jit.is_tracing()
                 and not functorch_active() and not forward_ad_active()):

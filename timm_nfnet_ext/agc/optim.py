@@ -227,17 +227,8 @@ class SGDAGC(AGCMixin, torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Evaluate ``closure`` (if given), clip gradients, then torch's SGD update.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (as for any torch optimizer).
-
-        Returns:
-            The closure's loss, or None.
-
-        Raises:
-            FloatingPointError: a gradient holds inf or NaN and ``nonfinite='raise'``.
-        """
+        """:meth:`AGCMixin.step` (its arguments, result and errors) with torch's SGD update; on CPU
+        through ``accel/sgd.py``'s chunked update."""
         from ..accel import sgd as fast_sgd  # (imported here: accel imports the models, which import nothing of agc)
         if fast_sgd.applies(self):
             return fast_sgd.chunked_step(self, closure)

@@ -1,7 +1,8 @@
 """DeepMind's RandAugment (``autoaugment.distort_image_with_randaugment``) on uint8 CHW tensors.
 
 One file for the 16 ops and their level rules (over 500 lines with them), so that the whole
-policy reads in one place, as the reference's ``autoaugment.py`` does.
+policy reads in one place, as the reference's ``autoaugment.py`` does. Every op takes a uint8
+``(3, H, W)`` tensor (and its arguments) and returns a new uint8 tensor of the same shape.
 
 The NFNet reference applies ``num_layers`` (4) layers to each mixed, clipped, uint8 image; each
 layer picks one of the 16 ops of :data:`OPS` uniformly and always applies it at the shared
@@ -118,12 +119,6 @@ def auto_contrast(image: torch.Tensor) -> torch.Tensor:
     """Stretch each channel to [0, 255]: ``x * s - lo * s`` with ``s = 255 / (hi - lo)`` in float32.
 
     torchvision scales ``(x - lo) * s``, which rounds differently; constant channels are kept.
-
-    Args:
-        image: uint8 ``(3, H, W)`` tensor.
-
-    Returns:
-        The uint8 result, shaped like ``image``.
     """
     flat = image.reshape(3, -1)
     los, his = flat.min(1).values.tolist(), flat.max(1).values.tolist()
@@ -138,12 +133,6 @@ def auto_contrast(image: torch.Tensor) -> torch.Tensor:
 
 def equalize(image: torch.Tensor) -> torch.Tensor:
     """PIL's equalize per channel: a LUT from the cumulative histogram, step ignoring the last bin.
-
-    Args:
-        image: uint8 ``(3, H, W)`` tensor.
-
-    Returns:
-        The uint8 result, shaped like ``image``.
     """
     pixels = image.numpy()
     luts = np.tile(_VALUES, (3, 1))  # identity where the step is 0
@@ -159,12 +148,6 @@ def equalize(image: torch.Tensor) -> torch.Tensor:
 
 def invert(image: torch.Tensor) -> torch.Tensor:
     """``255 - x``.
-
-    Args:
-        image: uint8 ``(3, H, W)`` tensor.
-
-    Returns:
-        The uint8 result, shaped like ``image``.
     """
     return _apply_lut(image, 255 - _VALUES)
 
@@ -355,16 +338,7 @@ def shear_x(image: torch.Tensor, level: float, fill: int = FILL) -> torch.Tensor
 
 
 def shear_y(image: torch.Tensor, level: float, fill: int = FILL) -> torch.Tensor:
-    """Input y = ``level * x + y``.
-
-    Args:
-        image: uint8 ``(3, H, W)`` tensor.
-        level: the shear factor.
-        fill: the value of pixels read from outside the image.
-
-    Returns:
-        The uint8 result, shaped like ``image``.
-    """
+    """Input y = ``level * x + y`` (arguments and result as :func:`shear_x`)."""
     return _transform(image, (1.0, 0.0, 0.0, level, 1.0, 0.0), fill)
 
 
@@ -383,16 +357,8 @@ def translate_x(image: torch.Tensor, pixels: float, fill: int = FILL) -> torch.T
 
 
 def translate_y(image: torch.Tensor, pixels: float, fill: int = FILL) -> torch.Tensor:
-    """Input y = ``y + pixels`` (the content moves up for positive ``pixels``).
-
-    Args:
-        image: uint8 ``(3, H, W)`` tensor.
-        pixels: the shift.
-        fill: the value of pixels read from outside the image.
-
-    Returns:
-        The uint8 result, shaped like ``image``.
-    """
+    """Input y = ``y + pixels``, the content moving up for positive ``pixels`` (arguments and result as
+    :func:`translate_x`)."""
     return _transform(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
 
 
