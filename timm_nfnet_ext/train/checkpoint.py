@@ -93,13 +93,35 @@ def file_digest(path: os.PathLike) -> Dict[str, Any]:
     Raises:
         OSError: the file cannot be read.
     """
-    h = hashlib.sha256()
-    size = 0
+    hashing = _HashingWriter(None)
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 22), b''):
-            h.update(block)
-            size += len(block)
-    return {'size': size, 'sha256': h.hexdigest()}
+            hashing.write(block)
+    return hashing.digest()
+
+
+class _HashingWriter:
+    """A binary file's ``write`` (and ``flush``) that also keeps the size and SHA-256 of what went
+    through it, so that a checkpoint is hashed as it is written rather than read back (a file of
+    several GB for the large variants); with ``file=None`` it only hashes."""
+
+    def __init__(self, file: Optional[Any]):
+        self.file, self.hash, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        n = memoryview(data).nbytes
+        self.size += n
+        if self.file is not None:
+            self.file.write(data)
+        return n
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def digest(self) -> Dict[str, Any]:
+        return {'size': self.size, 'sha256': self.hash.hexdigest()}
 
 
 def _read_checksums(folder: Path) -> Dict[str, List[Dict[str, Any]]]:
@@ -161,10 +183,11 @@ def save_atomic(obj: Any, path: os.PathLike) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            writer = _HashingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
-        _record(path.parent, path.name, [file_digest(tmp)])
+        _record(path.parent, path.name, [writer.digest()])
     return path
 
 

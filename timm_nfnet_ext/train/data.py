@@ -376,7 +376,7 @@ def build_datasets(cfg: TrainConfig, pretrained_cfg: Dict[str, Any]) -> DataBund
         val = _with_train_labels(cfg, name, train, val, size)
     collate, reads, num_classes = None, 1, num_classes_of(train)
     if cfg.data_pipeline == 'reference':
-        train, collate = _reference_training(cfg, train, data_cfg, num_classes_of(train))
+        train, collate = _reference_training(cfg, train, data_cfg, num_classes)
         reads = 2  # 2B decoded images per step of B: an epoch of the reference's length reads the data twice
     else:
         train.transform = create_transform(
@@ -407,9 +407,8 @@ def _reference_training(cfg: TrainConfig, train: Dataset, data_cfg: Dict[str, An
     if cfg.mixup <= 0:
         raise TrainError('--data-pipeline reference always mixes (half MixUp, half CutMix): --mixup sets its '
                          f'Beta alpha and must be > 0, got {cfg.mixup}')
-    if cfg.num_classes or num_classes:
-        num_classes = cfg.num_classes or num_classes
-    else:
+    num_classes = cfg.num_classes or num_classes
+    if not num_classes:
         raise TrainError('cannot tell the number of classes of this dataset; pass --num-classes')
     magnitude = cfg.randaug_magnitude
     if magnitude is None:
